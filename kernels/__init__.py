@@ -1,0 +1,5 @@
+"""Triton kernels of megatron_emo, installed as ``megatron_emo.kernels``.
+
+Each op lives in ``kernels/<op>/`` with its public function in ``__init__.py``, a pure-PyTorch
+``reference.py`` of the same signature, and ``triton_impl.py``.
+"""

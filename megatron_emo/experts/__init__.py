@@ -1,0 +1,1 @@
+"""Experts: token permutation to expert order, grouped SwiGLU routed experts."""

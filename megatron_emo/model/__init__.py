@@ -1,0 +1,1 @@
+"""The EMO GPT model on megatron-core: spec, layer, MoE layer, attention, norm."""

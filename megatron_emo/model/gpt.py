@@ -1,0 +1,31 @@
+"""Build the EMO GPTModel: megatron-core's GPTModel with the EMO layer spec."""
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from megatron_emo.config import EmoConfig
+from megatron_emo.model.spec import emo_block_spec
+
+
+def build_gpt_model(
+    config: EmoConfig,
+    *,
+    max_sequence_length: int,
+    rotary_base: int = 500_000,
+    share_embeddings: bool = False,
+) -> GPTModel:
+    """One pipeline stage of the model, on the CPU (move it with ``.cuda()``).
+
+    The vocabulary is ``config.emo_vocab_size`` (already padded); RoPE over the full head.
+    """
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=emo_block_spec(config),
+        vocab_size=config.emo_vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=share_embeddings,
+        position_embedding_type="rope",
+        rotary_base=rotary_base,
+    )

@@ -1,0 +1,22 @@
+"""RMSNorm computed in fp32, usable with sequence parallelism.
+
+megatron-core's torch norm refuses ``sequence_parallel`` without TransformerEngine or apex;
+this one marks its weight so megatron-core sums its gradient over the tensor-parallel group.
+"""
+
+import torch
+
+from megatron_emo.config import EmoConfig
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, config: EmoConfig, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)

@@ -1,0 +1,1 @@
+"""EMO routing: document segments, layout-invariant pools, pooled top-k, and router losses."""

@@ -1,0 +1,143 @@
+"""Document identities and layout-invariant pool sizes.
+
+EMO restricts every document to a pool of experts, so the router must know where documents
+start. We derive, once per forward, a *document id* for every token of a batch::
+
+    input_ids [b, s] --EOS flags--> ordinal of the segment within its row [b, s]
+    (seed, step, global sample index) --hash--> row key [b]
+    document_ids [b, s] = row_key << ORDINAL_BITS | ordinal
+
+A segment starts at position 0 and at every EOS at position > 0; the EOS belongs to the segment
+it starts (the reference convention). Document ids depend only on the data and on the sample's
+index in the step's global batch, never on how the batch is split over ranks or micro-batches,
+so a pool size hashed from (document id, layer) is the same on one process and on any layout,
+and after a resume. Everything here is vectorised: no loop over documents, no host sync.
+"""
+
+import torch
+
+ORDINAL_BITS = 24
+"""Low bits of a document id that hold the segment's ordinal within its row (rows < 16M tokens)."""
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2**32 for x in [0, 2**32), without int64 overflow."""
+    high, low = constant >> 16, constant & 0xFFFF
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A counter-based 32-bit integer hash (lowbias32 finaliser) of int64 values in [0, 2**32).
+
+    Pure integer arithmetic, so CPU and GPU give identical bits.
+    """
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash_combine(*values) -> torch.Tensor:
+    """Hash a sequence of int64 tensors (or ints), broadcast together, into [0, 2**32)."""
+    h = None
+    for value in values:
+        value = torch.as_tensor(value, dtype=torch.int64)
+        # Fold 64-bit inputs (document ids) into 32 bits before mixing.
+        value = (value & _MASK32) ^ mix32(value >> 32)
+        h = mix32(value) if h is None else mix32(h * 31 + value)
+    return h
+
+
+def segment_ordinals(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Ordinal of each token's segment within its row.
+
+    Args:
+        input_ids: int ``[b, s]`` token ids.
+        eos_token_id: the id that separates documents.
+
+    Returns:
+        int64 ``[b, s]``: 0 for the first segment of every row, +1 at every EOS at position > 0.
+    """
+    starts = input_ids == eos_token_id
+    starts[:, 0] = False
+    return starts.cumsum(dim=1)
+
+
+def document_ids(
+    input_ids: torch.Tensor,
+    eos_token_id: int,
+    *,
+    seed: int,
+    step: int,
+    sample_index: torch.Tensor,
+) -> torch.Tensor:
+    """Identity of the document (router segment) of every token.
+
+    Args:
+        input_ids: int ``[b, s]`` token ids, ``s < 2**ORDINAL_BITS``.
+        eos_token_id: the id that separates documents.
+        seed: the run's routing seed.
+        step: the optimizer step this batch belongs to.
+        sample_index: int64 ``[b]``, each row's index in the step's *global* batch (over all
+            data-parallel ranks and micro-batches), so the ids do not depend on the layout.
+
+    Returns:
+        int64 ``[b, s]``: equal ids ⇔ same segment; contiguous along each row.
+    """
+    if input_ids.shape[1] >= 2**ORDINAL_BITS:
+        raise ValueError(f"sequence length {input_ids.shape[1]} exceeds 2**{ORDINAL_BITS} tokens")
+    sample_index = sample_index.to(device=input_ids.device, dtype=torch.int64)
+    row_key = hash_combine(seed, step, sample_index)
+    return (row_key[:, None] << ORDINAL_BITS) | segment_ordinals(input_ids, eos_token_id)
+
+
+def segment_index(document_ids: torch.Tensor) -> torch.Tensor:
+    """Dense segment index of every token, rows flattened in order.
+
+    A new segment starts at every row start and wherever the id changes, so equal ids in two
+    rows never merge.
+
+    Args:
+        document_ids: int ``[b, s]``.
+
+    Returns:
+        int64 ``[b * s]`` with values ``0 .. num_segments - 1``, non-decreasing.
+    """
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return starts.flatten().cumsum(0) - 1
+
+
+def sample_pool_sizes(
+    document_ids: torch.Tensor, layer_number: int, pool_min: int, pool_max: int
+) -> torch.Tensor:
+    """Training pool size of every token's document in one layer, uniform on [pool_min, pool_max].
+
+    Args:
+        document_ids: int64 ``[b, s]`` from :func:`document_ids`.
+        layer_number: the MoE layer (each layer draws independently).
+
+    Returns:
+        int64 ``[b, s]``, equal for all tokens of a document.
+    """
+    span = pool_max - pool_min + 1
+    return pool_min + hash_combine(document_ids, layer_number) % span
+
+
+def pool_sizes_per_segment(token_pool_sizes: torch.Tensor, seg_index: torch.Tensor) -> torch.Tensor:
+    """Pool sizes indexed by dense segment index, without knowing the segment count on the host.
+
+    Args:
+        token_pool_sizes: int ``[T]``, the pool of each token's segment.
+        seg_index: int64 ``[T]`` from :func:`segment_index`.
+
+    Returns:
+        int64 ``[T]``: entry i is segment i's pool; entries past the last segment are 0 and unused.
+    """
+    pools = torch.zeros_like(seg_index)
+    # Every token of a segment writes the same value, so the scatter is deterministic.
+    return pools.scatter_(0, seg_index, token_pool_sizes.flatten().to(torch.int64))

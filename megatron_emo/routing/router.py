@@ -1,0 +1,105 @@
+"""DocumentPooledRouter: fp32 router logits, document pools, top-k, and the router losses.
+
+    hidden [s, b, h] --W (fp32)--> logits [s*b, E] --rows first--> route(segments, pools)
+    --> weights, indices [s*b, K]   (+ LB and z-loss attached to the weights' backward)
+
+A clean module rather than a megatron-core ``Router`` subclass: in megatron-core 0.16.1
+``Router.gating`` moves its weight to CUDA and calls a TransformerEngine-only GEMM, and
+``TopKRouter`` renormalises and computes its losses on unmasked scores, none of which EMO wants.
+The losses reach backward through megatron-core's ``MoEAuxLossAutoScaler``, whose scale
+megatron-core's pipeline schedules set per micro-batch.
+"""
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+from megatron_emo.config import EmoConfig
+from megatron_emo.routing import documents
+from megatron_emo.routing.balance import load_balancing_loss, z_loss
+from megatron_emo.routing.metrics import RoutingMetrics
+from megatron_emo.routing.reference import route
+
+
+class DocumentPooledRouter(MegatronModule):
+    """Routes every token to ``routed_topk`` experts inside its document's pool.
+
+    Pools: in training a size hashed from (document id, layer), uniform on
+    [emo_pool_min, emo_pool_max]; in eval the fixed ``emo_eval_pool`` (None: no pool); none at
+    all in ``topk`` mode.
+    """
+
+    def __init__(self, config: EmoConfig):
+        super().__init__(config)
+        self.weight = torch.nn.Parameter(
+            torch.empty(config.num_routed_experts, config.hidden_size, dtype=torch.float32)
+        )
+        if config.perform_initialization:
+            config.init_method(self.weight)
+        # Under sequence parallelism each TP rank sees other tokens: the gradient must be summed.
+        self.weight.sequence_parallel = config.sequence_parallel
+        self.layer_number = 1
+        self.metrics = RoutingMetrics(config.num_routed_experts)
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+
+    def pool_sizes(self, document_ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """Pool of every document (int64 ``[b*s]`` per dense segment), or None for no pool."""
+        config = self.config
+        if config.emo_router_mode == "topk":
+            return None
+        if self.training:
+            token_pools = documents.sample_pool_sizes(
+                document_ids, self.layer_number, config.emo_pool_min, config.emo_pool_max
+            )
+        elif config.emo_eval_pool is None:
+            return None
+        else:
+            token_pools = torch.full_like(document_ids, config.emo_eval_pool)
+        seg = documents.segment_index(document_ids)
+        return documents.pool_sizes_per_segment(token_pools, seg)
+
+    def forward(self, hidden_states: torch.Tensor, document_ids: torch.Tensor):
+        """Route a micro-batch.
+
+        Args:
+            hidden_states: ``[s, b, h]`` post-norm MoE input.
+            document_ids: int64 ``[b, s]`` from :func:`megatron_emo.routing.documents.document_ids`.
+
+        Returns:
+            ``(weights, indices)``: fp32 and int64 ``[s*b, K]`` in the token order of
+            ``hidden_states.reshape(s*b, h)``.
+        """
+        config = self.config
+        seq_len, batch, hidden = hidden_states.shape
+        logits = torch.matmul(hidden_states.reshape(-1, hidden).float(), self.weight.t())
+        # Segments are contiguous along rows, so route in row-major ([b, s]) token order.
+        logits = logits.view(seq_len, batch, -1).transpose(0, 1).reshape(batch * seq_len, -1)
+        pool_sizes = self.pool_sizes(document_ids)
+        segment_ids = documents.segment_index(document_ids) if pool_sizes is not None else None
+        weights, indices, probs, logsumexp = route(
+            logits, segment_ids, pool_sizes, config.routed_topk, return_logsumexp=True
+        )
+        if self.training and torch.is_grad_enabled():
+            lb_loss, counts = load_balancing_loss(probs, indices, group=self.balance_group())
+            router_z_loss = z_loss(logsumexp)
+            aux_loss = (
+                config.emo_lb_loss_weight * lb_loss + config.emo_z_loss_weight * router_z_loss
+            ) / config.num_layers
+            weights = MoEAuxLossAutoScaler.apply(weights, aux_loss)
+            self.metrics.record(lb_loss, router_z_loss, counts, probs)
+        # Back to the sequence-major order megatron-core's activations use.
+        weights = weights.view(batch, seq_len, -1).transpose(0, 1).reshape(seq_len * batch, -1)
+        indices = indices.view(batch, seq_len, -1).transpose(0, 1).reshape(seq_len * batch, -1)
+        return weights, indices
+
+    @staticmethod
+    def balance_group():
+        """Ranks holding other tokens of the same micro-batch: data- and context-parallel."""
+        if not parallel_state.model_parallel_is_initialized():
+            return None
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
