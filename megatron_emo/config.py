@@ -62,6 +62,8 @@ class EmoConfig(TransformerConfig):
     def __post_init__(self):
         # EMO's own rules first: they give clearer messages than megatron-core's generic checks.
         self.validate_emo()
+        # EMO's gate is softmax, then top-k: what megatron-core calls pre-softmax routing.
+        self.moe_router_pre_softmax = True
         if self.output_layer_init_method is None:
             # EMO initialises every linear layer with the same normal, no depth scaling.
             self.output_layer_init_method = init_method_normal(self.init_method_std)
@@ -73,10 +75,10 @@ class EmoConfig(TransformerConfig):
             raise ConfigError(
                 f"emo_router_mode={self.emo_router_mode!r} is unknown: use one of {ROUTER_MODES}"
             )
-        if self.num_moe_experts is None or self.num_moe_experts < 2:
+        if self.num_moe_experts is None or self.num_moe_experts < 1:
             raise ConfigError(
-                f"num_moe_experts={self.num_moe_experts}: an EMO model needs at least 2 experts "
-                "per layer; set num_moe_experts (EMO: 128)"
+                f"num_moe_experts={self.num_moe_experts}: an EMO model needs experts in every "
+                "layer; set num_moe_experts (EMO: 128)"
             )
         if not 0 <= self.emo_num_shared_experts < self.num_moe_experts:
             raise ConfigError(

@@ -47,10 +47,11 @@ def unpermute(rows: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) ->
         order: int64 ``[N]`` from :func:`permute`.
 
     Returns:
-        ``[T, h]`` in the dtype of ``rows``, accumulated in fp32.
+        ``[T, h]`` in the dtype of ``rows``, accumulated in at least fp32.
     """
     num_tokens, topk = weights.shape
     gates = weights.flatten().index_select(0, order)
-    weighted = rows.float() * gates[:, None]
-    combined = torch.zeros(num_tokens, rows.shape[-1], dtype=torch.float32, device=rows.device)
+    accumulate = torch.promote_types(rows.dtype, torch.float32)
+    weighted = rows.to(accumulate) * gates[:, None]
+    combined = torch.zeros(num_tokens, rows.shape[-1], dtype=accumulate, device=rows.device)
     return combined.index_add_(0, order // topk, weighted).to(rows.dtype)

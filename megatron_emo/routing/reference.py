@@ -14,6 +14,11 @@ from typing import Optional
 import torch
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half types to fp32; fp32 and fp64 stay (fp64 serves gradient checks)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     """Map contiguous segment ids to 0, 1, ... in order of appearance.
 
@@ -48,7 +53,7 @@ def pool_mask(
     num_experts = logits.shape[-1]
     seg = segment_positions(segment_ids)
     with torch.no_grad():
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = torch.softmax(logits, dim=-1)
         sums = torch.zeros(pool_sizes.shape[0], num_experts, dtype=probs.dtype, device=probs.device)
         sums.index_add_(0, seg, probs)
         order = torch.sort(sums, dim=-1, descending=True, stable=True).indices
@@ -82,7 +87,7 @@ def route(
         weights fp32 ``[T, K]`` (softmax values, not renormalised), indices int64 ``[T, K]``,
         probs fp32 ``[T, E]`` the masked softmax (0 outside the pool), logsumexp fp32 ``[T]``.
     """
-    logits = logits.float()
+    logits = at_least_fp32(logits)
     if pool_sizes is not None:
         logits = logits.masked_fill(~pool_mask(logits, segment_ids, pool_sizes), float("-inf"))
     probs = torch.softmax(logits, dim=-1)

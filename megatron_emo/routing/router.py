@@ -21,7 +21,7 @@ from megatron_emo.config import EmoConfig
 from megatron_emo.routing import documents
 from megatron_emo.routing.balance import load_balancing_loss, z_loss
 from megatron_emo.routing.metrics import RoutingMetrics
-from megatron_emo.routing.reference import route
+from megatron_emo.routing.reference import at_least_fp32, route
 
 
 class DocumentPooledRouter(MegatronModule):
@@ -76,7 +76,10 @@ class DocumentPooledRouter(MegatronModule):
         """
         config = self.config
         seq_len, batch, hidden = hidden_states.shape
-        logits = torch.matmul(hidden_states.reshape(-1, hidden).float(), self.weight.t())
+        # fp32 logits whatever the activation dtype (the weight may be bf16 under Float16Module).
+        logits = torch.matmul(
+            at_least_fp32(hidden_states.reshape(-1, hidden)), at_least_fp32(self.weight).t()
+        )
         # Segments are contiguous along rows, so route in row-major ([b, s]) token order.
         logits = logits.view(seq_len, batch, -1).transpose(0, 1).reshape(batch * seq_len, -1)
         pool_sizes = self.pool_sizes(document_ids)

@@ -1,0 +1,1 @@
+"""Data: the demo corpus, tokenizers, and packed training samples."""

@@ -1,0 +1,72 @@
+"""SentencePiece tokenizer: train one on documents, load one from a ``.model`` file."""
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+
+class Tokenizer:
+    """A SentencePiece model behind the small interface the trainer needs."""
+
+    def __init__(self, model_file: str | os.PathLike):
+        model_file = Path(model_file)
+        if not model_file.is_file():
+            raise FileNotFoundError(f"tokenizer model {model_file} does not exist")
+        self.model_file = model_file
+        self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        if self._sp.eos_id() < 0:
+            raise ValueError(f"tokenizer {model_file} has no EOS token; EMO needs one")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self._sp.pad_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode(list(ids))
+
+
+def train_tokenizer(documents: list[str], model_file: str | os.PathLike, vocab_size: int) -> Tokenizer:
+    """Train a BPE model with byte fallback (no unknown text) and write it atomically.
+
+    Ids: 0 pad, 1 unk, 2 bos, 3 eos, then the learnt pieces.
+    """
+    model_file = Path(model_file)
+    model_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=model_file.parent) as tmp:
+        prefix = Path(tmp) / "spm"
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=(line for doc in documents for line in doc.splitlines() if line.strip()),
+            model_prefix=str(prefix),
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            character_coverage=1.0,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+        os.replace(prefix.with_suffix(".model"), model_file)
+    return Tokenizer(model_file)
+
+
+def padded_vocab_size(vocab_size: int, multiple: int, tensor_parallel_size: int = 1) -> int:
+    """Megatron's convention: pad to a multiple of ``multiple * tensor_parallel_size``."""
+    step = multiple * tensor_parallel_size
+    return -(-vocab_size // step) * step

@@ -1,0 +1,252 @@
+"""Run configurations: named recipes plus dotted command-line overrides.
+
+A run is a :class:`RunConfig`: ``model`` holds :class:`~megatron_emo.config.EmoConfig` fields
+(megatron-core's and EMO's), the other sections are small dataclasses. Recipes are functions
+returning a RunConfig; ``--set section.field=value`` overrides any field, checked against its
+type, and unknown names fail with the list of valid ones.
+"""
+
+import ast
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from megatron_emo.config import ConfigError, EmoConfig
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    corpus: str = "python-docs"
+    """Training text: ``python-docs``, Python's own documentation (offline, in every install)."""
+    tokenizer_model: Optional[str] = None
+    """A SentencePiece ``.model`` to use; None trains one on the corpus (cached in the output dir)."""
+    tokenizer_vocab_size: int = 2048
+    """Vocabulary of the tokenizer trained when ``tokenizer_model`` is None."""
+    seq_length: int = 4096
+    micro_batch_size: int = 4
+    """Sequences per micro-batch on one data-parallel rank."""
+    global_batch_size: int = 1024
+    """Sequences per optimizer step over all data-parallel ranks and micro-batches."""
+    seed: int = 0
+    """Shuffles the documents."""
+
+
+@dataclass(kw_only=True)
+class GPTConfig:
+    rotary_base: int = 500_000
+    share_embeddings: bool = False
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this times the tensor-parallel size."""
+    min_vocab_size: int = 0
+    """Pad the vocabulary to at least this many rows (to match a released model's shape)."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 4e-3
+    min_lr: float = 4e-4
+    """Cosine decay ends here at the last step."""
+    warmup_steps: int = 2000
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Applied to every parameter except the input embeddings (as EMO)."""
+    clip_grad: float = 1.0
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 238_419
+    seed: int = 0
+    """Seeds weight initialisation."""
+    log_interval: int = 1
+    output_dir: str = "runs/default"
+    """Tokenizer, metrics (metrics.jsonl) and TensorBoard logs go here."""
+    tensorboard: bool = True
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str
+    model: dict[str, Any]
+    data: DataConfig = field(default_factory=DataConfig)
+    gpt: GPTConfig = field(default_factory=GPTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def emo_config(self, *, vocab_size: int, eos_token_id: int, on_gpu: bool) -> EmoConfig:
+        """Build and validate the model config for the tokenizer's vocabulary and the device."""
+        bf16 = self.model.get("bf16", on_gpu)
+        defaults = dict(
+            use_cpu_initialization=True,
+            # No TransformerEngine or apex: no fused kernels that need them.
+            persist_layer_norm=False,
+            gradient_accumulation_fusion=False,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            apply_rope_fusion=False,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        )
+        fields = {**defaults, **self.model, "bf16": bf16}
+        return EmoConfig(
+            **fields,
+            activation_func=torch.nn.functional.silu,
+            gated_linear_unit=True,
+            add_bias_linear=False,
+            normalization="RMSNorm",
+            emo_vocab_size=vocab_size,
+            emo_eos_token_id=eos_token_id,
+        )
+
+
+_EMO_1B14B_MODEL = dict(
+    num_layers=16,
+    hidden_size=2048,
+    num_attention_heads=16,
+    ffn_hidden_size=1024,
+    num_moe_experts=128,
+    moe_router_topk=8,
+    moe_ffn_hidden_size=1024,
+    emo_num_shared_experts=1,
+    emo_pool_min=8,
+    emo_pool_max=128,
+    emo_eval_pool=32,
+    init_method_std=0.02,
+    layernorm_epsilon=1e-6,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+)
+
+
+def tiny() -> RunConfig:
+    """A 4-layer, 16+1-expert EMO model that trains on 2 CPU cores in minutes."""
+    return RunConfig(
+        name="tiny",
+        model=dict(
+            num_layers=4,
+            hidden_size=128,
+            num_attention_heads=4,
+            ffn_hidden_size=64,
+            num_moe_experts=17,
+            moe_router_topk=3,
+            moe_ffn_hidden_size=64,
+            emo_num_shared_experts=1,
+            emo_pool_min=4,
+            emo_pool_max=16,
+            emo_eval_pool=8,
+            init_method_std=0.02,
+            layernorm_epsilon=1e-6,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        ),
+        data=DataConfig(seq_length=256, micro_batch_size=8, global_batch_size=16),
+        gpt=GPTConfig(rotary_base=10_000, make_vocab_size_divisible_by=64),
+        optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=20),
+        train=TrainConfig(steps=200, log_interval=10, output_dir="runs/tiny"),
+    )
+
+
+def emo_1b14b() -> RunConfig:
+    """EMO's flagship: 16 layers, d 2048, 127 routed + 1 shared experts of 1024, top-8.
+
+    AdamW 4e-3, betas .9/.95, wd 0.1, 2000 warm-up steps, cosine to 4e-4, seq 4096, 1024
+    sequences per step, 1T tokens. The vocabulary is padded to dolma2's 100,352 rows.
+    """
+    return RunConfig(
+        name="emo_1b14b",
+        model=dict(_EMO_1B14B_MODEL),
+        gpt=GPTConfig(min_vocab_size=100_352),
+        train=TrainConfig(output_dir="runs/emo_1b14b"),
+    )
+
+
+def stdmoe_1b14b() -> RunConfig:
+    """The standard-MoE twin of emo_1b14b: same model and recipe, plain top-k routing."""
+    run = emo_1b14b()
+    run.name = "stdmoe_1b14b"
+    run.model["emo_router_mode"] = "topk"
+    run.train.output_dir = "runs/stdmoe_1b14b"
+    return run
+
+
+RECIPES: dict[str, Callable[[], RunConfig]] = {
+    "tiny": tiny,
+    "emo_1b14b": emo_1b14b,
+    "stdmoe_1b14b": stdmoe_1b14b,
+}
+
+
+def get_recipe(name: str) -> RunConfig:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}: choose one of {sorted(RECIPES)}")
+    return RECIPES[name]()
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string such as emo_router_mode=topk
+
+
+def _check_type(dotted: str, value: Any, current: Any) -> Any:
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool) != isinstance(value, bool):
+        raise ConfigError(f"{dotted}: expected a boolean like {current!r}, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, type(current)):
+        raise ConfigError(f"{dotted}: expected {type(current).__name__} like {current!r}, got {value!r}")
+    return value
+
+
+def apply_override(run: RunConfig, assignment: str) -> None:
+    """Apply one ``section.field=value`` override in place."""
+    dotted, sep, text = assignment.partition("=")
+    section, dot, name = dotted.strip().partition(".")
+    if not sep or not dot or not name:
+        raise ConfigError(f"override {assignment!r} is not of the form section.field=value")
+    value = _parse_value(text.strip())
+    if section == "model":
+        valid = {f.name for f in dataclasses.fields(EmoConfig) if f.name not in ("emo_vocab_size", "emo_eos_token_id")}
+        if name not in valid:
+            raise ConfigError(f"model.{name} is not an EmoConfig field (see megatron_emo/config.py)")
+        default = next(f.default for f in dataclasses.fields(EmoConfig) if f.name == name)
+        current = run.model.get(name, None if default is dataclasses.MISSING else default)
+        run.model[name] = _check_type(dotted, value, current)
+        return
+    sections = {f.name for f in dataclasses.fields(RunConfig) if f.name not in ("name", "model")}
+    if section not in sections:
+        raise ConfigError(f"unknown section {section!r} in {assignment!r}: use one of {sorted(sections | {'model'})}")
+    target = getattr(run, section)
+    names = [f.name for f in dataclasses.fields(target)]
+    if name not in names:
+        raise ConfigError(f"{section}.{name} does not exist: {section} has {names}")
+    setattr(target, name, _check_type(dotted, value, getattr(target, name)))
+
+
+def validate_run(run: RunConfig) -> None:
+    """Checks of the run sections (the model is checked when EmoConfig is built)."""
+    data, optim, train = run.data, run.optim, run.train
+    if data.seq_length < 2:
+        raise ConfigError(f"data.seq_length={data.seq_length} must be at least 2")
+    if data.micro_batch_size < 1 or data.global_batch_size % data.micro_batch_size:
+        raise ConfigError(
+            f"data.global_batch_size={data.global_batch_size} must be a positive multiple of "
+            f"data.micro_batch_size={data.micro_batch_size}"
+        )
+    if train.steps < 1:
+        raise ConfigError(f"train.steps={train.steps} must be at least 1")
+    if not 0 <= optim.warmup_steps <= train.steps:
+        raise ConfigError(
+            f"optim.warmup_steps={optim.warmup_steps} must be in [0, train.steps={train.steps}]"
+        )
+    if not 0 <= optim.min_lr <= optim.lr:
+        raise ConfigError(f"optim.min_lr={optim.min_lr} must be in [0, optim.lr={optim.lr}]")
+    if train.log_interval < 1:
+        raise ConfigError(f"train.log_interval={train.log_interval} must be at least 1")

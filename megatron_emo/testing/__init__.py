@@ -1,0 +1,1 @@
+"""Helpers for the test suite (multi-process runners and the like); never imported by training."""

@@ -1,0 +1,59 @@
+"""Train an EMO model.
+
+    python -m megatron_emo.train --recipe tiny                      # 2 CPU cores, minutes
+    python -m megatron_emo.train --recipe tiny --set model.emo_router_mode=topk --set train.steps=20
+    torchrun --nproc-per-node 8 -m megatron_emo.train --recipe emo_1b14b --set data.global_batch_size=64
+
+Recipes live in megatron_emo/recipes.py; ``--set section.field=value`` overrides any field of
+the run (sections: model, data, gpt, optim, train). ``--print-config`` shows the resolved run.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import warnings
+
+# megatron-core warns that TransformerEngine and apex are missing (we use neither) and about its
+# own cuda-graph default, which we do not use either.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
+warnings.filterwarnings("ignore", message="full scope is deprecated")
+
+from megatron_emo.config import ConfigError
+from megatron_emo.recipes import RECIPES, apply_override, get_recipe
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved run and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # megatron-core flags every MLP class it does not know, ours included, once per layer.
+    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
+        lambda record: "Unknown MLP type" not in record.getMessage()
+    )
+    try:
+        run = get_recipe(args.recipe)
+        for assignment in args.overrides:
+            apply_override(run, assignment)
+        if args.print_config:
+            print(json.dumps(dataclasses.asdict(run), indent=2, default=str))
+            return 0
+        from megatron_emo.training.loop import train
+
+        train(run)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The training loop: data → megatron-core forward/backward schedule → optimizer → metrics.
+
+One step reads ``global_batch_size`` samples; this data-parallel rank takes its slice and runs
+it as micro-batches through megatron-core's pipeline schedule, which scales the LM loss and the
+router losses per micro-batch. Document ids are derived from the input ids once per forward.
+"""
+
+import contextlib
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_emo.data.corpus import python_docs
+from megatron_emo.data.packed import PackedSamples
+from megatron_emo.data.tokenizer import Tokenizer, padded_vocab_size, train_tokenizer
+from megatron_emo.model.gpt import build_gpt_model
+from megatron_emo.recipes import RunConfig, validate_run
+from megatron_emo.routing.documents import document_ids
+from megatron_emo.routing.router import DocumentPooledRouter
+from megatron_emo.training.cpu_mode import cuda_on_cpu
+from megatron_emo.training.distributed import Runtime, init_distributed, shutdown_distributed
+from megatron_emo.training.metrics import MetricsWriter
+from megatron_emo.training.optimizer import cpu_stepper, gpu_stepper
+
+logger = logging.getLogger(__name__)
+
+CORPORA = {"python-docs": python_docs}
+
+
+def load_tokenizer(run: RunConfig, documents: list[str]) -> Tokenizer:
+    if run.data.tokenizer_model:
+        return Tokenizer(run.data.tokenizer_model)
+    model_file = Path(run.train.output_dir) / "tokenizer.model"
+    if model_file.is_file():
+        return Tokenizer(model_file)
+    logger.info("training a %d-piece SentencePiece tokenizer on %d documents", run.data.tokenizer_vocab_size, len(documents))
+    return train_tokenizer(documents, model_file, run.data.tokenizer_vocab_size)
+
+
+def load_corpus(run: RunConfig) -> list[str]:
+    if run.data.corpus not in CORPORA:
+        raise ValueError(f"data.corpus={run.data.corpus!r} is unknown: use one of {sorted(CORPORA)}")
+    return CORPORA[run.data.corpus]()
+
+
+def _loss_func(output_tensor: torch.Tensor):
+    """Summed per-token cross-entropy and the token count; megatron-core divides."""
+    total = output_tensor.float().sum()
+    num_tokens = torch.tensor(output_tensor.numel(), dtype=torch.int, device=output_tensor.device)
+    return total, num_tokens, {"lm_loss": torch.stack([total.detach(), num_tokens.float()])}
+
+
+def _forward_step(eos_token_id: int, seed: int, step: int, data_iterator, model):
+    tokens, labels, sample_index = next(data_iterator)
+    docs = document_ids(tokens, eos_token_id, seed=seed, step=step, sample_index=sample_index)
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    # The document ids travel as the attention mask (see megatron_emo.model.layer).
+    output = model(tokens, position_ids, docs, labels=labels)
+    return output, _loss_func
+
+
+def _microbatches(samples: PackedSamples, run: RunConfig, runtime: Runtime, step: int):
+    """This rank's micro-batches of the step: (tokens, labels, index in the global batch)."""
+    data = run.data
+    per_rank = data.global_batch_size // runtime.data_parallel_size
+    first = runtime.data_parallel_rank * per_rank
+    for start in range(first, first + per_rank, data.micro_batch_size):
+        sample_index = torch.arange(start, start + data.micro_batch_size)
+        tokens, labels = samples.batch(step * data.global_batch_size + sample_index)
+        yield tokens.to(runtime.device), labels.to(runtime.device), sample_index.to(runtime.device)
+
+
+def _routers(model: torch.nn.Module) -> list[DocumentPooledRouter]:
+    return [m for m in model.modules() if isinstance(m, DocumentPooledRouter)]
+
+
+def _wrap_for_gpu(model, config):
+    """bf16 module and megatron-core DDP, with the schedule hooks megatron-core expects."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
+
+    model = model.cuda()
+    if config.bf16:
+        model = Float16Module(config, model)
+    model = DistributedDataParallel(
+        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model
+    )
+    config.no_sync_func = model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return model
+
+
+def train(run: RunConfig) -> list[dict]:
+    """Train ``run`` and return the logged records (also written to metrics.jsonl)."""
+    validate_run(run)
+    on_gpu = torch.cuda.is_available()
+    with contextlib.nullcontext() if on_gpu else cuda_on_cpu():
+        try:
+            return _train(run)
+        finally:
+            shutdown_distributed()
+
+
+def _train(run: RunConfig) -> list[dict]:
+    tp = run.model.get("tensor_model_parallel_size", 1)
+    pp = run.model.get("pipeline_model_parallel_size", 1)
+    runtime = init_distributed(tensor_parallel_size=tp, pipeline_parallel_size=pp, seed=run.train.seed)
+    data = run.data
+
+    documents = load_corpus(run)
+    tokenizer = load_tokenizer(run, documents)
+    vocab_size = max(
+        padded_vocab_size(tokenizer.vocab_size, run.gpt.make_vocab_size_divisible_by, tp),
+        run.gpt.min_vocab_size,
+    )
+    config = run.emo_config(vocab_size=vocab_size, eos_token_id=tokenizer.eos_id, on_gpu=runtime.on_gpu)
+    samples = PackedSamples([tokenizer.encode(doc) for doc in documents], tokenizer.eos_id, data.seq_length, data.seed)
+
+    model = build_gpt_model(
+        config,
+        max_sequence_length=data.seq_length,
+        rotary_base=run.gpt.rotary_base,
+        share_embeddings=run.gpt.share_embeddings,
+    )
+    num_params = sum(p.numel() for p in model.parameters())
+    if runtime.on_gpu:
+        model = _wrap_for_gpu(model, config)
+        stepper = gpu_stepper(model, config, run.optim, run.train.steps)
+        config.grad_scale_func = stepper.optimizer.scale_loss
+    else:
+        stepper = cpu_stepper(model, run.optim, run.train.steps)
+    routers = _routers(model)
+
+    num_microbatches = data.global_batch_size // (data.micro_batch_size * runtime.data_parallel_size)
+    if num_microbatches < 1:
+        raise ValueError(
+            f"data.global_batch_size={data.global_batch_size} is smaller than micro_batch_size x "
+            f"data-parallel size = {data.micro_batch_size * runtime.data_parallel_size}"
+        )
+    writer = MetricsWriter(run, enabled=runtime.is_logging_rank)
+    writer.info(
+        f"{run.name}: {num_params / 1e6:.2f}M parameters on this rank, {len(samples)} samples of "
+        f"{data.seq_length} tokens, vocab {vocab_size}, router {config.emo_router_mode}, "
+        f"device {runtime.device}, world {runtime.world_size}"
+    )
+    forward_backward = get_forward_backward_func()
+    records = []
+    tokens_per_step = data.global_batch_size * data.seq_length
+    for step in range(run.train.steps):
+        started = time.perf_counter()
+        model.train()
+        stepper.zero_grad()
+        losses = forward_backward(
+            forward_step_func=functools.partial(_forward_step, tokenizer.eos_id, config.emo_routing_seed, step),
+            data_iterator=_microbatches(samples, run, runtime, step),
+            model=[model],
+            num_microbatches=num_microbatches,
+            seq_length=data.seq_length,
+            micro_batch_size=data.micro_batch_size,
+            forward_only=False,
+        )
+        lr = stepper.optimizer.param_groups[0]["lr"]
+        grad_norm = stepper.step()
+        stepper.scheduler.step(increment=1)
+        if runtime.on_gpu:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        if (step + 1) % run.train.log_interval and step + 1 != run.train.steps:
+            continue
+        record = {
+            "step": step + 1,
+            "loss": _mean_loss(losses, runtime),
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_s": tokens_per_step / elapsed,
+            "step_time_s": elapsed,
+        }
+        per_layer = [router.metrics.read() for router in routers]
+        record.update(_router_summary(per_layer))
+        records.append(record)
+        writer.write(record)
+    writer.close()
+    return records
+
+
+def _mean_loss(losses: list[dict], runtime: Runtime):
+    """Token-weighted LM loss of the step (last pipeline stage; None elsewhere)."""
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    totals = torch.stack([item["lm_loss"] for item in losses]).sum(dim=0)
+    if runtime.data_parallel_size > 1:
+        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    total, count = totals.tolist()
+    return total / count
+
+
+def _router_summary(per_layer: list[dict]) -> dict:
+    per_layer = [stats for stats in per_layer if stats]
+    if not per_layer:
+        return {}
+    mean = lambda key: sum(stats[key] for stats in per_layer) / len(per_layer)  # noqa: E731
+    return {
+        "lb_loss": mean("lb_loss"),
+        "z_loss": mean("z_loss"),
+        "pool_experts": mean("pool_experts"),
+        "load_max_over_mean": [round(stats["load_max_over_mean"], 3) for stats in per_layer],
+    }

@@ -1,0 +1,64 @@
+"""Where step records go: the console, ``metrics.jsonl`` and TensorBoard (logging rank only)."""
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from megatron_emo.recipes import RunConfig
+
+logger = logging.getLogger("megatron_emo")
+
+
+def format_record(record: dict) -> str:
+    parts = []
+    for key, value in record.items():
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+        elif isinstance(value, list):
+            parts.append(f"{key} [{' '.join(f'{v:.2f}' for v in value)}]")
+        else:
+            parts.append(f"{key} {value}")
+    return " | ".join(parts)
+
+
+class MetricsWriter:
+    def __init__(self, run: RunConfig, *, enabled: bool):
+        self.enabled = enabled
+        self.tensorboard = None
+        if not enabled:
+            return
+        self.output_dir = Path(run.train.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        config = dataclasses.asdict(run)
+        (self.output_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
+        self.jsonl = open(self.output_dir / "metrics.jsonl", "w")
+        if run.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(self.output_dir / "tensorboard")
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            logger.info(message)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        logger.info(format_record(record))
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, float):
+                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+                elif isinstance(value, list):
+                    for layer, layer_value in enumerate(value, start=1):
+                        self.tensorboard.add_scalar(f"router/{key}/layer{layer}", layer_value, record["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -1,0 +1,99 @@
+"""AdamW and the warm-up + cosine schedule: megatron-core's on GPU, torch's AdamW on CPU.
+
+EMO decays every parameter except the input embeddings; both paths do the same.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_emo.recipes import OptimConfig
+
+EMBEDDING_PARAM = "*embedding.word_embeddings.weight"
+
+
+@dataclass
+class Stepper:
+    """One optimizer step: ``step()`` clips, updates, and returns the gradient norm."""
+
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    step: Callable[[], float]
+    zero_grad: Callable[[], None]
+
+
+def _scheduler(optimizer, optim: OptimConfig, total_steps: int) -> OptimizerParamScheduler:
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=total_steps,
+        lr_decay_style="cosine",
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=total_steps,
+        wd_incr_style="constant",
+    )
+
+
+def cpu_stepper(model: torch.nn.Module, optim: OptimConfig, total_steps: int) -> Stepper:
+    """torch AdamW (megatron-core's optimizers insist on CUDA tensors)."""
+    import fnmatch
+
+    named = list(model.named_parameters())
+    embeddings = [p for name, p in named if fnmatch.fnmatch(name, EMBEDDING_PARAM)]
+    others = [p for name, p in named if not fnmatch.fnmatch(name, EMBEDDING_PARAM)]
+    groups = [{"params": others, "wd_mult": 1.0}]
+    if embeddings:
+        groups.append({"params": embeddings, "wd_mult": 0.0})
+    optimizer = torch.optim.AdamW(
+        groups, lr=0.0, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay
+    )
+    params = [p for _, p in named]
+
+    def step() -> float:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.clip_grad)
+        optimizer.step()
+        return float(grad_norm)
+
+    return Stepper(optimizer, _scheduler(optimizer, optim, total_steps), step, lambda: optimizer.zero_grad(set_to_none=True))
+
+
+def gpu_stepper(model, config, optim: OptimConfig, total_steps: int) -> Stepper:
+    """megatron-core's optimizer (fp32 main weights under bf16) over a megatron DDP model."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer.optimizer_config import ParamKey
+
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=optim.lr,
+            min_lr=optim.min_lr,
+            weight_decay=optim.weight_decay,
+            adam_beta1=optim.beta1,
+            adam_beta2=optim.beta2,
+            adam_eps=optim.eps,
+            clip_grad=optim.clip_grad,
+            bf16=config.bf16,
+            params_dtype=config.params_dtype,
+        ),
+        [model],
+        # Replaces megatron-core's default (no decay on norms and biases) by EMO's rule.
+        config_overrides={ParamKey(name=EMBEDDING_PARAM): {"wd_mult": 0.0}},
+    )
+
+    def step() -> float:
+        update_successful, grad_norm, _ = optimizer.step()
+        if not update_successful:
+            raise FloatingPointError("the optimizer skipped the step (non-finite gradients)")
+        return float(grad_norm)
+
+    def zero_grad() -> None:
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+
+    return Stepper(optimizer, _scheduler(optimizer, optim, total_steps), step, zero_grad)

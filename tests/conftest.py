@@ -1,0 +1,42 @@
+"""Shared test helpers: a small CPU EmoConfig and a seeded torch RNG for every test."""
+
+import pytest
+import torch
+
+SMALL_CONFIG = dict(
+    num_layers=2,
+    hidden_size=16,
+    num_attention_heads=2,
+    num_moe_experts=9,
+    moe_router_topk=3,
+    moe_ffn_hidden_size=8,
+    ffn_hidden_size=32,
+    use_cpu_initialization=True,
+    add_bias_linear=False,
+    gated_linear_unit=True,
+    bias_activation_fusion=False,
+    persist_layer_norm=False,
+    gradient_accumulation_fusion=False,
+    apply_rope_fusion=False,
+    masked_softmax_fusion=False,
+    bias_dropout_fusion=False,
+    emo_vocab_size=64,
+    emo_eos_token_id=2,
+    emo_pool_min=3,
+    emo_pool_max=8,
+    emo_eval_pool=4,
+)
+"""9 experts (1 shared, 8 routed), top-3 (2 routed), pools 3..8 in training and 4 in eval."""
+
+
+def make_config(**overrides):
+    """A small EmoConfig that builds on CPU, with ``overrides`` applied."""
+    from megatron_emo.config import EmoConfig  # megatron-core import is slow: only when used
+
+    return EmoConfig(**{**SMALL_CONFIG, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def seed_torch():
+    """Every test starts from the same torch RNG state."""
+    torch.manual_seed(0)

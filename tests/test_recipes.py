@@ -1,0 +1,68 @@
+import pytest
+
+from megatron_emo.config import ConfigError
+from megatron_emo.recipes import RECIPES, apply_override, get_recipe, validate_run
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_builds_a_valid_config(name):
+    run = get_recipe(name)
+    validate_run(run)
+    config = run.emo_config(vocab_size=100_352, eos_token_id=3, on_gpu=False)
+    assert config.num_routed_experts + config.emo_num_shared_experts == config.num_moe_experts
+
+
+def test_flagship_shapes():
+    config = get_recipe("emo_1b14b").emo_config(vocab_size=100_352, eos_token_id=3, on_gpu=True)
+    assert (config.num_layers, config.hidden_size, config.num_moe_experts) == (16, 2048, 128)
+    assert (config.num_routed_experts, config.routed_topk, config.moe_ffn_hidden_size) == (127, 7, 1024)
+    assert (config.emo_pool_min, config.emo_pool_max, config.emo_eval_pool) == (8, 128, 32)
+    assert config.bf16 and get_recipe("emo_1b14b").optim.lr == 4e-3
+    assert get_recipe("stdmoe_1b14b").model["emo_router_mode"] == "topk"
+
+
+def test_overrides_parse_by_type():
+    run = get_recipe("tiny")
+    apply_override(run, "model.num_layers=2")
+    apply_override(run, "model.emo_router_mode=topk")
+    apply_override(run, "model.emo_eval_pool=None")
+    apply_override(run, "optim.lr=1")  # an int where a float is expected is fine
+    apply_override(run, "train.tensorboard=False")
+    assert run.model["num_layers"] == 2 and run.model["emo_router_mode"] == "topk"
+    assert run.model["emo_eval_pool"] is None and run.optim.lr == 1.0 and run.train.tensorboard is False
+
+
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("model.num_layer=2", "num_layer"),
+        ("model.num_layers=two", "model.num_layers"),
+        ("train.tensorboard=1", "train.tensorboard"),
+        ("optim.learning_rate=1", "optim.learning_rate"),
+        ("nosection.x=1", "nosection"),
+        ("train.steps", "section.field=value"),
+    ],
+)
+def test_bad_overrides_name_the_field(assignment, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_override(get_recipe("tiny"), assignment)
+
+
+def test_unknown_recipe():
+    with pytest.raises(ConfigError, match="tiny"):
+        get_recipe("huge")
+
+
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("data.global_batch_size=12", "global_batch_size"),
+        ("optim.min_lr=1.0", "min_lr"),
+        ("train.steps=0", "train.steps"),
+    ],
+)
+def test_run_validation(assignment, message):
+    run = get_recipe("tiny")
+    apply_override(run, assignment)
+    with pytest.raises(ConfigError, match=message):
+        validate_run(run)
