@@ -53,7 +53,7 @@ def load_balancing_loss(
     totals = torch.cat([local_counts, local_counts.new_tensor([num_tokens])])
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(totals, group=group)
-    fraction = totals[:-1] / totals[-1].clamp(min=1)
+    fraction = (totals[:-1] / totals[-1].clamp(min=1)).to(probs.dtype)
     mean_probs = probs.mean(dim=0)
     loss = (num_experts / topk) * torch.dot(fraction, mean_probs)
     return loss, local_counts

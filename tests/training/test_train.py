@@ -46,3 +46,13 @@ def test_bad_settings_fail_fast_with_the_field_named(tmp_path, override, message
     result = _train(tmp_path, override)
     assert result.returncode == 2
     assert message in result.stderr and "error:" in result.stderr
+
+
+@pytest.mark.gpu
+def test_tiny_run_on_gpu_in_bf16(tmp_path):
+    result = _train(tmp_path, "train.steps=30", "optim.warmup_steps=5", "train.log_interval=5",
+                    "model.bf16=True", "train.tensorboard=False")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    assert "torch._grouped_mm" in result.stderr
