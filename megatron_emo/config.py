@@ -7,8 +7,9 @@ top-8, so 127 routed experts of which each token picks 7.
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
+import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 from megatron.core.utils import init_method_normal
 
@@ -51,6 +52,17 @@ class EmoConfig(TransformerConfig):
     emo_routing_seed: int = 12536
     """Seed of the counter-based hash that draws pool sizes."""
 
+    # EMO's architecture as defaults of megatron-core fields: SwiGLU experts without biases,
+    # RMSNorm, no dropout; weights built on the CPU (no CUDA calls in constructors).
+    gated_linear_unit: bool = True
+    activation_func: Callable = F.silu
+    add_bias_linear: bool = False
+    normalization: str = "RMSNorm"
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    layernorm_epsilon: float = 1e-6
+    use_cpu_initialization: bool = True
+
     @property
     def num_routed_experts(self) -> int:
         return self.num_moe_experts - self.emo_num_shared_experts
@@ -71,6 +83,12 @@ class EmoConfig(TransformerConfig):
 
     def validate_emo(self) -> None:
         """Raise ConfigError for the first EMO field that cannot work."""
+        if not self.gated_linear_unit or self.add_bias_linear:
+            raise ConfigError(
+                f"gated_linear_unit={self.gated_linear_unit}, add_bias_linear="
+                f"{self.add_bias_linear}: EMO's experts are gated (SwiGLU) and have no biases; "
+                "leave both at their defaults"
+            )
         if self.emo_router_mode not in ROUTER_MODES:
             raise ConfigError(
                 f"emo_router_mode={self.emo_router_mode!r} is unknown: use one of {ROUTER_MODES}"

@@ -80,27 +80,8 @@ class RunConfig:
     def emo_config(self, *, vocab_size: int, eos_token_id: int, on_gpu: bool) -> EmoConfig:
         """Build and validate the model config for the tokenizer's vocabulary and the device."""
         bf16 = self.model.get("bf16", on_gpu)
-        defaults = dict(
-            use_cpu_initialization=True,
-            # No TransformerEngine or apex: no fused kernels that need them.
-            persist_layer_norm=False,
-            gradient_accumulation_fusion=False,
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            masked_softmax_fusion=False,
-            apply_rope_fusion=False,
-            params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        )
-        fields = {**defaults, **self.model, "bf16": bf16}
-        return EmoConfig(
-            **fields,
-            activation_func=torch.nn.functional.silu,
-            gated_linear_unit=True,
-            add_bias_linear=False,
-            normalization="RMSNorm",
-            emo_vocab_size=vocab_size,
-            emo_eos_token_id=eos_token_id,
-        )
+        fields = {"params_dtype": torch.bfloat16 if bf16 else torch.float32, **self.model, "bf16": bf16}
+        return EmoConfig(**fields, emo_vocab_size=vocab_size, emo_eos_token_id=eos_token_id)
 
 
 _EMO_1B14B_MODEL = dict(
@@ -115,10 +96,6 @@ _EMO_1B14B_MODEL = dict(
     emo_pool_min=8,
     emo_pool_max=128,
     emo_eval_pool=32,
-    init_method_std=0.02,
-    layernorm_epsilon=1e-6,
-    hidden_dropout=0.0,
-    attention_dropout=0.0,
 )
 
 
@@ -138,11 +115,7 @@ def tiny() -> RunConfig:
             emo_pool_min=4,
             emo_pool_max=16,
             emo_eval_pool=8,
-            init_method_std=0.02,
-            layernorm_epsilon=1e-6,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-        ),
+                                        ),
         data=DataConfig(seq_length=256, micro_batch_size=8, global_batch_size=16),
         gpt=GPTConfig(rotary_base=10_000, make_vocab_size_divisible_by=64),
         optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=20),

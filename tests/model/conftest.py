@@ -5,9 +5,6 @@ import tempfile
 
 import pytest
 import torch
-import torch.nn.functional as F
-
-from tests.conftest import make_config
 
 
 @pytest.fixture
@@ -30,6 +27,3 @@ def megatron_cpu():
             dist.destroy_process_group()
 
 
-def model_config(**overrides):
-    """The small config with the SwiGLU activation the real recipes use."""
-    return make_config(activation_func=F.silu, attention_dropout=0.0, hidden_dropout=0.0, **overrides)

@@ -4,7 +4,7 @@ import torch
 
 from megatron_emo.model.attention import DocumentCausalAttention, document_causal_mask
 from megatron_emo.routing.documents import segment_ordinals
-from tests.model.conftest import model_config
+from tests.conftest import make_config as model_config
 
 EOS = 2
 

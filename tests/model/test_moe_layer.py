@@ -3,7 +3,7 @@ import torch.nn.functional as F
 
 from megatron_emo.model.moe_layer import EmoMoELayer
 from megatron_emo.routing.documents import document_ids, sample_pool_sizes, segment_index
-from tests.model.conftest import model_config
+from tests.conftest import make_config as model_config
 
 EOS = 2
 

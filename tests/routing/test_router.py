@@ -261,3 +261,15 @@ def test_aux_losses_reach_the_router_weight():
     for grad, aux in ((grad_lb, 0.1 * lb), (grad_z, 1e-3 * z_loss(lse))):
         (expected,) = torch.autograd.grad(gate.sum() + aux / base.num_layers, weight, retain_graph=True)
         torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.gpu
+def test_router_on_cuda_matches_cpu():
+    # Pools come from integer hashing, so CPU and GPU choose the same experts.
+    router = make_router(make_config()).train()
+    x, docs = make_inputs(router.config)
+    with torch.no_grad():
+        weights, indices = router(x, docs)
+        cuda_weights, cuda_indices = router.cuda()(x.cuda(), docs.cuda())
+    assert torch.equal(cuda_indices.cpu(), indices)
+    torch.testing.assert_close(cuda_weights.cpu(), weights, rtol=1e-4, atol=1e-5)
