@@ -18,19 +18,25 @@ from megatron_emo.config import ConfigError, EmoConfig
 
 @dataclass(kw_only=True)
 class DataConfig:
-    corpus: str = "python-docs"
-    """Training text: ``python-docs``, Python's own documentation (offline, in every install)."""
+    blend: list = field(default_factory=list)
+    """Weighted indexed datasets, ``[[weight, prefix], ...]`` (prefixes from
+    tools/preprocess_data.py); empty: the demo corpus (code, docs, prose, equal weights), built
+    into ``cache_dir/demo`` on first use."""
     tokenizer_model: Optional[str] = None
-    """A SentencePiece ``.model`` to use; None trains one on the corpus (cached in the output dir)."""
-    tokenizer_vocab_size: int = 2048
-    """Vocabulary of the tokenizer trained when ``tokenizer_model`` is None."""
+    """The SentencePiece ``.model`` the datasets were made with (required with ``blend``)."""
+    demo_vocab_size: int = 2048
+    """Vocabulary of the tokenizer trained for the demo corpus."""
+    cache_dir: str = "runs/cache"
+    """Demo data and megatron-core's sample-index cache."""
+    split: str = "98,2,0"
+    """Train/validation/test shares of every dataset's documents."""
     seq_length: int = 4096
     micro_batch_size: int = 4
     """Sequences per micro-batch on one data-parallel rank."""
     global_batch_size: int = 1024
     """Sequences per optimizer step over all data-parallel ranks and micro-batches."""
     seed: int = 0
-    """Shuffles the documents."""
+    """Shuffles the samples."""
 
 
 @dataclass(kw_only=True)
@@ -206,6 +212,15 @@ def apply_override(run: RunConfig, assignment: str) -> None:
 def validate_run(run: RunConfig) -> None:
     """Checks of the run sections (the model is checked when EmoConfig is built)."""
     data, optim, train = run.data, run.optim, run.train
+    for entry in data.blend:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], (int, float))
+                and entry[0] > 0 and isinstance(entry[1], str)):
+            raise ConfigError(
+                f"data.blend entry {entry!r} is not [weight > 0, 'dataset prefix'], e.g. "
+                "data.blend=[[0.7,'data/web'],[0.3,'data/code']]"
+            )
+    if data.blend and not data.tokenizer_model:
+        raise ConfigError("data.blend needs data.tokenizer_model, the tokenizer the datasets were made with")
     if data.seq_length < 2:
         raise ConfigError(f"data.seq_length={data.seq_length} must be at least 2")
     if data.micro_batch_size < 1 or data.global_batch_size % data.micro_batch_size:

@@ -21,6 +21,7 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex
 warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 from megatron_emo.config import ConfigError
+from megatron_emo.data.indexed import DatasetError
 from megatron_emo.recipes import RECIPES, apply_override, get_recipe
 
 
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
         from megatron_emo.training.loop import train
 
         train(run)
-    except ConfigError as error:
+    except (ConfigError, DatasetError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

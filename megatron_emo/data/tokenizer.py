@@ -1,5 +1,10 @@
-"""SentencePiece tokenizer: train one on documents, load one from a ``.model`` file."""
+"""SentencePiece tokenizer: train one on documents, load one from a ``.model`` file.
 
+:class:`Tokenizer` also offers the attributes megatron-core's ``GPTDataset`` reads from a
+tokenizer (``eod``, ``pad``, ``vocab_size``, ``unique_identifiers``).
+"""
+
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +37,27 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self._sp.pad_id()
 
+    @property
+    def eod(self) -> int:
+        return self.eos_id
+
+    @property
+    def pad(self) -> int:
+        return self.pad_id
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """What megatron-core hashes into its dataset cache names: the model's content."""
+        return {"sentencepiece_sha256": hashlib.sha256(self.model_file.read_bytes()).hexdigest()}
+
+    def check_eos(self, eos_token_id: int) -> None:
+        """Raise if the model config expects another EOS than this tokenizer's."""
+        if eos_token_id != self.eos_id:
+            raise ValueError(
+                f"the model config's emo_eos_token_id={eos_token_id} differs from the EOS id "
+                f"{self.eos_id} of tokenizer {self.model_file}: use that tokenizer's EOS"
+            )
+
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
@@ -40,9 +66,10 @@ class Tokenizer:
 
 
 def train_tokenizer(documents: list[str], model_file: str | os.PathLike, vocab_size: int) -> Tokenizer:
-    """Train a BPE model with byte fallback (no unknown text) and write it atomically.
+    """Train a Llama-style BPE model and write it atomically.
 
-    Ids: 0 pad, 1 unk, 2 bos, 3 eos, then the learnt pieces.
+    Lossless: byte fallback (no unknown text), identity normalisation and no whitespace
+    collapsing (code keeps its indentation), digits split. Ids: 0 pad, 1 unk, 2 bos, 3 eos.
     """
     model_file = Path(model_file)
     model_file.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +86,10 @@ def train_tokenizer(documents: list[str], model_file: str | os.PathLike, vocab_s
             bos_id=2,
             eos_id=3,
             character_coverage=1.0,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )

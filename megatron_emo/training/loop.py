@@ -16,9 +16,10 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_emo.data.corpus import python_docs
-from megatron_emo.data.packed import PackedSamples
-from megatron_emo.data.tokenizer import Tokenizer, padded_vocab_size, train_tokenizer
+from megatron_emo.data.demo_data import prepare_demo_data
+from megatron_emo.data.gpt_data import build_train_dataset, collate
+from megatron_emo.data.indexed import check_dataset
+from megatron_emo.data.tokenizer import Tokenizer, padded_vocab_size
 from megatron_emo.model.gpt import build_gpt_model
 from megatron_emo.recipes import RunConfig, validate_run
 from megatron_emo.routing.documents import document_ids
@@ -30,50 +31,45 @@ from megatron_emo.training.optimizer import cpu_stepper, gpu_stepper
 
 logger = logging.getLogger(__name__)
 
-CORPORA = {"python-docs": python_docs}
+def resolve_data(run: RunConfig) -> tuple[list[tuple[float, str]], Tokenizer]:
+    """The blend and tokenizer of the run: the user's, or the demo corpus (built if missing)."""
+    data = run.data
+    if data.blend:
+        return [tuple(entry) for entry in data.blend], Tokenizer(data.tokenizer_model)
+    demo_dir = Path(data.cache_dir) / "demo"
+    if torch.distributed.get_rank() == 0:
+        prepare_demo_data(demo_dir, vocab_size=data.demo_vocab_size)
+    torch.distributed.barrier()
+    manifest = prepare_demo_data(demo_dir, vocab_size=data.demo_vocab_size)  # reads the manifest
+    blend = [(1.0, entry["prefix"]) for entry in manifest["domains"].values()]
+    return blend, Tokenizer(manifest["tokenizer"])
 
 
-def load_tokenizer(run: RunConfig, documents: list[str]) -> Tokenizer:
-    if run.data.tokenizer_model:
-        return Tokenizer(run.data.tokenizer_model)
-    model_file = Path(run.train.output_dir) / "tokenizer.model"
-    if model_file.is_file():
-        return Tokenizer(model_file)
-    logger.info("training a %d-piece SentencePiece tokenizer on %d documents", run.data.tokenizer_vocab_size, len(documents))
-    return train_tokenizer(documents, model_file, run.data.tokenizer_vocab_size)
-
-
-def load_corpus(run: RunConfig) -> list[str]:
-    if run.data.corpus not in CORPORA:
-        raise ValueError(f"data.corpus={run.data.corpus!r} is unknown: use one of {sorted(CORPORA)}")
-    return CORPORA[run.data.corpus]()
-
-
-def _loss_func(output_tensor: torch.Tensor):
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Summed per-token cross-entropy and the token count; megatron-core divides."""
-    total = output_tensor.float().sum()
-    num_tokens = torch.tensor(output_tensor.numel(), dtype=torch.int, device=output_tensor.device)
+    total = (output_tensor.float() * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
     return total, num_tokens, {"lm_loss": torch.stack([total.detach(), num_tokens.float()])}
 
 
 def _forward_step(eos_token_id: int, seed: int, step: int, data_iterator, model):
-    tokens, labels, sample_index = next(data_iterator)
+    tokens, labels, loss_mask, sample_index = next(data_iterator)
     docs = document_ids(tokens, eos_token_id, seed=seed, step=step, sample_index=sample_index)
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     # The document ids travel as the attention mask (see megatron_emo.model.layer).
     output = model(tokens, position_ids, docs, labels=labels)
-    return output, _loss_func
+    return output, functools.partial(_loss_func, loss_mask)
 
 
-def _microbatches(samples: PackedSamples, run: RunConfig, runtime: Runtime, step: int):
-    """This rank's micro-batches of the step: (tokens, labels, index in the global batch)."""
+def _microbatches(dataset, run: RunConfig, runtime: Runtime, step: int):
+    """This rank's micro-batches of the step: tokens, labels, loss mask, index in the global batch."""
     data = run.data
     per_rank = data.global_batch_size // runtime.data_parallel_size
     first = runtime.data_parallel_rank * per_rank
     for start in range(first, first + per_rank, data.micro_batch_size):
         sample_index = torch.arange(start, start + data.micro_batch_size)
-        tokens, labels = samples.batch(step * data.global_batch_size + sample_index)
-        yield tokens.to(runtime.device), labels.to(runtime.device), sample_index.to(runtime.device)
+        batch = collate(dataset, step * data.global_batch_size + sample_index)
+        yield tuple(t.to(runtime.device) for t in (batch["tokens"], batch["labels"], batch["loss_mask"], sample_index))
 
 
 def _routers(model: torch.nn.Module) -> list[DocumentPooledRouter]:
@@ -113,14 +109,23 @@ def _train(run: RunConfig) -> list[dict]:
     runtime = init_distributed(tensor_parallel_size=tp, pipeline_parallel_size=pp, seed=run.train.seed)
     data = run.data
 
-    documents = load_corpus(run)
-    tokenizer = load_tokenizer(run, documents)
+    blend, tokenizer = resolve_data(run)
     vocab_size = max(
         padded_vocab_size(tokenizer.vocab_size, run.gpt.make_vocab_size_divisible_by, tp),
         run.gpt.min_vocab_size,
     )
     config = run.emo_config(vocab_size=vocab_size, eos_token_id=tokenizer.eos_id, on_gpu=runtime.on_gpu)
-    samples = PackedSamples([tokenizer.encode(doc) for doc in documents], tokenizer.eos_id, data.seq_length, data.seed)
+    for _, prefix in blend:
+        check_dataset(prefix, vocab_size=vocab_size, eos_id=tokenizer.eos_id)
+    dataset = build_train_dataset(
+        blend,
+        tokenizer,
+        seq_length=data.seq_length,
+        num_samples=run.train.steps * data.global_batch_size,
+        seed=data.seed,
+        split=data.split,
+        cache_dir=data.cache_dir,
+    )
 
     model = build_gpt_model(
         config,
@@ -145,8 +150,8 @@ def _train(run: RunConfig) -> list[dict]:
         )
     writer = MetricsWriter(run, enabled=runtime.is_logging_rank)
     writer.info(
-        f"{run.name}: {num_params / 1e6:.2f}M parameters on this rank, {len(samples)} samples of "
-        f"{data.seq_length} tokens, vocab {vocab_size}, router {config.emo_router_mode}, "
+        f"{run.name}: {num_params / 1e6:.2f}M parameters on this rank, {len(blend)} datasets, "
+        f"{data.seq_length}-token samples, vocab {vocab_size}, router {config.emo_router_mode}, "
         f"device {runtime.device}, world {runtime.world_size}"
     )
     forward_backward = get_forward_backward_func()
@@ -158,7 +163,7 @@ def _train(run: RunConfig) -> list[dict]:
         stepper.zero_grad()
         losses = forward_backward(
             forward_step_func=functools.partial(_forward_step, tokenizer.eos_id, config.emo_routing_seed, step),
-            data_iterator=_microbatches(samples, run, runtime, step),
+            data_iterator=_microbatches(dataset, run, runtime, step),
             model=[model],
             num_microbatches=num_microbatches,
             seq_length=data.seq_length,

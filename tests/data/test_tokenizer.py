@@ -1,6 +1,6 @@
 import pytest
 
-from megatron_emo.data.corpus import python_docs
+from megatron_emo.data.demo_corpus import docs_documents as python_docs
 from megatron_emo.data.tokenizer import Tokenizer, padded_vocab_size, train_tokenizer
 
 
