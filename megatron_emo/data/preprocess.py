@@ -14,12 +14,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
 from megatron_emo.data.indexed import AtomicDatasetWriter, DatasetInfo
-from megatron_emo.data.tokenizer import Tokenizer
+from megatron_emo.data.tokenizer import Tokenizer, encode_in_worker, init_worker
 
 logger = logging.getLogger(__name__)
 
@@ -105,18 +105,6 @@ def _json_lines(path: Path, text_key: str, strict: bool, summary: PreprocessSumm
             yield where, text
 
 
-_worker_tokenizer: Optional[Tokenizer] = None
-
-
-def _init_worker(model_file: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model_file)
-
-
-def _encode(text: str) -> tuple[list[int], int]:
-    return _worker_tokenizer.encode(text), len(text.encode("utf-8"))
-
-
 def preprocess(
     inputs: list[str | os.PathLike],
     output_prefix: str | os.PathLike,
@@ -136,13 +124,14 @@ def preprocess(
         output_prefix, tokenizer=str(tokenizer.model_file), vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id
     ) as writer, tqdm(unit="doc", disable=not progress, desc=Path(output_prefix).name) as bar:
         if workers > 1:
-            pool = multiprocessing.get_context("spawn").Pool(
-                workers, initializer=_init_worker, initargs=(str(tokenizer.model_file),)
+            # fork: the workers need nothing beyond the tokenizer, so nothing is re-imported.
+            pool = multiprocessing.get_context("fork").Pool(
+                workers, initializer=init_worker, initargs=(str(tokenizer.model_file),)
             )
-            encoded = pool.imap(_encode, documents, chunksize=16)
+            encoded = pool.imap(encode_in_worker, documents, chunksize=64)
         else:
-            _init_worker(str(tokenizer.model_file))
-            pool, encoded = None, map(_encode, documents)
+            init_worker(str(tokenizer.model_file))
+            pool, encoded = None, map(encode_in_worker, documents)
         try:
             for token_ids, size in encoded:
                 writer.add_document(token_ids)

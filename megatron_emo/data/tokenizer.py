@@ -101,3 +101,18 @@ def padded_vocab_size(vocab_size: int, multiple: int, tensor_parallel_size: int 
     """Megatron's convention: pad to a multiple of ``multiple * tensor_parallel_size``."""
     step = multiple * tensor_parallel_size
     return -(-vocab_size // step) * step
+
+
+# Tokenizer worker processes (tools/preprocess_data.py --workers): this module imports only
+# sentencepiece, so spawning a worker is cheap.
+_worker_tokenizer = None
+
+
+def init_worker(model_file: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(model_file)
+
+
+def encode_in_worker(text: str) -> tuple[list[int], int]:
+    """Token ids of ``text`` and its size in UTF-8 bytes."""
+    return _worker_tokenizer.encode(text), len(text.encode("utf-8"))
