@@ -72,6 +72,16 @@ class TrainConfig:
     output_dir: str = "runs/default"
     """Tokenizer, metrics (metrics.jsonl) and TensorBoard logs go here."""
     tensorboard: bool = True
+    save: bool = True
+    """Write checkpoints to ``output_dir/checkpoints`` (every ``save_interval`` steps, at the end,
+    and on SIGTERM/SIGUSR1)."""
+    save_interval: int = 1000
+    keep_last: int = 2
+    """Checkpoints kept besides the every-``keep_every`` ones."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none)."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in ``output_dir`` if there is one."""
 
 
 @dataclass(kw_only=True)
@@ -236,5 +246,10 @@ def validate_run(run: RunConfig) -> None:
         )
     if not 0 <= optim.min_lr <= optim.lr:
         raise ConfigError(f"optim.min_lr={optim.min_lr} must be in [0, optim.lr={optim.lr}]")
+    if train.save_interval < 1 or train.keep_last < 1 or train.keep_every < 0:
+        raise ConfigError(
+            f"train.save_interval={train.save_interval} and train.keep_last={train.keep_last} must "
+            f"be at least 1, train.keep_every={train.keep_every} at least 0"
+        )
     if train.log_interval < 1:
         raise ConfigError(f"train.log_interval={train.log_interval} must be at least 1")

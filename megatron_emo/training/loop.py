@@ -7,10 +7,11 @@ router losses per micro-batch. Document ids are derived from the input ids once 
 
 import contextlib
 import functools
-import json
 import logging
+import signal
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
@@ -21,9 +22,11 @@ from megatron_emo.data.gpt_data import build_train_dataset, collate
 from megatron_emo.data.indexed import check_dataset
 from megatron_emo.data.tokenizer import Tokenizer, padded_vocab_size
 from megatron_emo.model.gpt import build_gpt_model
+from megatron_emo.config import ConfigError
 from megatron_emo.recipes import RunConfig, validate_run
 from megatron_emo.routing.documents import document_ids
 from megatron_emo.routing.router import DocumentPooledRouter
+from megatron_emo.training.checkpoint import find_latest, load_checkpoint, prune_checkpoints, save_checkpoint
 from megatron_emo.training.cpu_mode import cuda_on_cpu
 from megatron_emo.training.distributed import Runtime, init_distributed, shutdown_distributed
 from megatron_emo.training.metrics import MetricsWriter
@@ -92,6 +95,23 @@ def _wrap_for_gpu(model, config):
     return model
 
 
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1 (how SLURM preempts) so the loop can stop at a step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train(run: RunConfig) -> list[dict]:
     """Train ``run`` and return the logged records (also written to metrics.jsonl)."""
     validate_run(run)
@@ -106,6 +126,11 @@ def train(run: RunConfig) -> list[dict]:
 def _train(run: RunConfig) -> list[dict]:
     tp = run.model.get("tensor_model_parallel_size", 1)
     pp = run.model.get("pipeline_model_parallel_size", 1)
+    if run.train.save and tp * pp > 1:
+        raise ConfigError(
+            "checkpoints of tensor- or pipeline-parallel layouts need megatron-core's sharded "
+            "checkpoints, which megatron_emo does not write yet: set train.save=False"
+        )
     runtime = init_distributed(tensor_parallel_size=tp, pipeline_parallel_size=pp, seed=run.train.seed)
     data = run.data
 
@@ -134,6 +159,7 @@ def _train(run: RunConfig) -> list[dict]:
         share_embeddings=run.gpt.share_embeddings,
     )
     num_params = sum(p.numel() for p in model.parameters())
+    gpt_model = model  # checkpoints hold the bare model's state, whatever wraps it
     if runtime.on_gpu:
         model = _wrap_for_gpu(model, config)
         stepper = gpu_stepper(model, config, run.optim, run.train.steps)
@@ -141,6 +167,11 @@ def _train(run: RunConfig) -> list[dict]:
     else:
         stepper = cpu_stepper(model, run.optim, run.train.steps)
     routers = _routers(model)
+    checkpoints = Path(run.train.output_dir) / "checkpoints"
+    start_step = 0
+    latest = find_latest(checkpoints) if run.train.resume else None
+    if latest is not None:
+        start_step = load_checkpoint(latest, model=gpt_model, optimizer=stepper.optimizer, scheduler=stepper.scheduler)
 
     num_microbatches = data.global_batch_size // (data.micro_batch_size * runtime.data_parallel_size)
     if num_microbatches < 1:
@@ -148,50 +179,75 @@ def _train(run: RunConfig) -> list[dict]:
             f"data.global_batch_size={data.global_batch_size} is smaller than micro_batch_size x "
             f"data-parallel size = {data.micro_batch_size * runtime.data_parallel_size}"
         )
-    writer = MetricsWriter(run, enabled=runtime.is_logging_rank)
+    writer = MetricsWriter(run, enabled=runtime.is_logging_rank, resume_step=start_step)
+    if latest is not None:
+        writer.info(f"resumed from {latest} at step {start_step}")
     writer.info(
         f"{run.name}: {num_params / 1e6:.2f}M parameters on this rank, {len(blend)} datasets, "
         f"{data.seq_length}-token samples, vocab {vocab_size}, router {config.emo_router_mode}, "
         f"device {runtime.device}, world {runtime.world_size}"
     )
     forward_backward = get_forward_backward_func()
+    forward_step = functools.partial(_forward_step, tokenizer.eos_id, config.emo_routing_seed)
     records = []
-    tokens_per_step = data.global_batch_size * data.seq_length
-    for step in range(run.train.steps):
-        started = time.perf_counter()
-        model.train()
-        stepper.zero_grad()
-        losses = forward_backward(
-            forward_step_func=functools.partial(_forward_step, tokenizer.eos_id, config.emo_routing_seed, step),
-            data_iterator=_microbatches(dataset, run, runtime, step),
-            model=[model],
-            num_microbatches=num_microbatches,
-            seq_length=data.seq_length,
-            micro_batch_size=data.micro_batch_size,
-            forward_only=False,
-        )
-        lr = stepper.optimizer.param_groups[0]["lr"]
-        grad_norm = stepper.step()
-        stepper.scheduler.step(increment=1)
-        if runtime.on_gpu:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
-        if (step + 1) % run.train.log_interval and step + 1 != run.train.steps:
-            continue
-        record = {
-            "step": step + 1,
-            "loss": _mean_loss(losses, runtime),
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "tokens_per_s": tokens_per_step / elapsed,
-            "step_time_s": elapsed,
-        }
-        per_layer = [router.metrics.read() for router in routers]
-        record.update(_router_summary(per_layer))
-        records.append(record)
-        writer.write(record)
-    writer.close()
+    stop = StopSignal()
+    try:
+        for step in range(start_step, run.train.steps):
+            record = _train_step(step, model, stepper, forward_backward, forward_step, dataset, run,
+                                 runtime, num_microbatches, routers)
+            if record is not None:
+                records.append(record)
+                writer.write(record)
+            done = step + 1
+            if stop.received:
+                writer.info(f"{stop.received} received: saving step {done} and stopping")
+            if run.train.save and (done % run.train.save_interval == 0 or done == run.train.steps or stop.received):
+                saved = save_checkpoint(checkpoints, done, model=gpt_model, optimizer=stepper.optimizer,
+                                        scheduler=stepper.scheduler, run=run)
+                prune_checkpoints(checkpoints, keep_last=run.train.keep_last, keep_every=run.train.keep_every)
+                writer.info(f"saved {saved}")
+            if stop.received:
+                break
+    finally:
+        stop.restore()
+        writer.close()
     return records
+
+
+def _train_step(step, model, stepper, forward_backward, forward_step, dataset, run, runtime,
+                num_microbatches, routers) -> Optional[dict]:
+    """One optimizer step; the log record when this step is logged, else None."""
+    data = run.data
+    started = time.perf_counter()
+    model.train()
+    stepper.zero_grad()
+    losses = forward_backward(
+        forward_step_func=functools.partial(forward_step, step),
+        data_iterator=_microbatches(dataset, run, runtime, step),
+        model=[model],
+        num_microbatches=num_microbatches,
+        seq_length=data.seq_length,
+        micro_batch_size=data.micro_batch_size,
+        forward_only=False,
+    )
+    lr = stepper.optimizer.param_groups[0]["lr"]
+    grad_norm = stepper.step()
+    stepper.scheduler.step(increment=1)
+    if runtime.on_gpu:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    if (step + 1) % run.train.log_interval and step + 1 != run.train.steps:
+        return None
+    record = {
+        "step": step + 1,
+        "loss": _mean_loss(losses, runtime),
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "tokens_per_s": data.global_batch_size * data.seq_length / elapsed,
+        "step_time_s": elapsed,
+    }
+    record.update(_router_summary([router.metrics.read() for router in routers]))
+    return record
 
 
 def _mean_loss(losses: list[dict], runtime: Runtime):

@@ -23,7 +23,7 @@ def format_record(record: dict) -> str:
 
 
 class MetricsWriter:
-    def __init__(self, run: RunConfig, *, enabled: bool):
+    def __init__(self, run: RunConfig, *, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
         self.tensorboard = None
         if not enabled:
@@ -32,11 +32,22 @@ class MetricsWriter:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         config = dataclasses.asdict(run)
         (self.output_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
-        self.jsonl = open(self.output_dir / "metrics.jsonl", "w")
+        self.jsonl = self._open_jsonl(self.output_dir / "metrics.jsonl", resume_step)
         if run.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(self.output_dir / "tensorboard")
+
+    @staticmethod
+    def _open_jsonl(path: Path, resume_step: int):
+        """A resumed run continues the records up to its checkpoint; later ones (logged after
+        that checkpoint by the run that died) are dropped, since the steps run again."""
+        kept = []
+        if resume_step and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+        jsonl = open(path, "w")
+        jsonl.writelines(line + "\n" for line in kept)
+        return jsonl
 
     def info(self, message: str) -> None:
         if self.enabled:
