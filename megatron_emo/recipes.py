@@ -82,6 +82,12 @@ class TrainConfig:
     """Also keep every checkpoint whose step is a multiple of this (0: none)."""
     resume: bool = True
     """Continue from the newest complete checkpoint in ``output_dir`` if there is one."""
+    nan_policy: str = "skip"
+    """A step with a non-finite loss or gradient norm: ``skip`` it (no update) or ``stop``."""
+    max_nan_skips: int = 3
+    """More non-finite steps in a row than this stop the run (with a checkpoint)."""
+    spike_factor: float = 3.0
+    """Log a warning when the loss exceeds this multiple of its running mean."""
 
 
 @dataclass(kw_only=True)
@@ -250,6 +256,11 @@ def validate_run(run: RunConfig) -> None:
         raise ConfigError(
             f"train.save_interval={train.save_interval} and train.keep_last={train.keep_last} must "
             f"be at least 1, train.keep_every={train.keep_every} at least 0"
+        )
+    if train.nan_policy not in ("skip", "stop") or train.max_nan_skips < 0:
+        raise ConfigError(
+            f"train.nan_policy={train.nan_policy!r} must be 'skip' or 'stop' and "
+            f"train.max_nan_skips={train.max_nan_skips} at least 0"
         )
     if train.log_interval < 1:
         raise ConfigError(f"train.log_interval={train.log_interval} must be at least 1")

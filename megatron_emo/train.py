@@ -6,6 +6,9 @@
 
 Recipes live in megatron_emo/recipes.py; ``--set section.field=value`` overrides any field of
 the run (sections: model, data, gpt, optim, train). ``--print-config`` shows the resolved run.
+
+Exit codes: 0 finished, or stopped by SIGTERM/SIGUSR1 after saving a checkpoint; 2 bad input
+(setting, data, tokenizer or checkpoint); 3 stopped on non-finite steps (checkpoint saved).
 """
 
 import argparse
@@ -22,6 +25,13 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 from megatron_emo.config import ConfigError
 from megatron_emo.data.indexed import DatasetError
+from megatron_emo.training.checkpoint import CheckpointError
+from megatron_emo.training.guards import NonFiniteStep
+
+EXIT_BAD_INPUT = 2
+"""A bad setting, dataset, tokenizer or checkpoint: nothing was trained."""
+EXIT_NON_FINITE = 3
+"""Stopped on non-finite losses or gradients, after saving the last good state."""
 from megatron_emo.recipes import RECIPES, apply_override, get_recipe
 
 
@@ -50,9 +60,12 @@ def main(argv=None) -> int:
         from megatron_emo.training.loop import train
 
         train(run)
-    except (ConfigError, DatasetError, FileNotFoundError) as error:
+    except (ConfigError, DatasetError, FileNotFoundError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except NonFiniteStep as error:
+        print(f"stopped: non-finite training step: {error}", file=sys.stderr)
+        return EXIT_NON_FINITE
     return 0
 
 

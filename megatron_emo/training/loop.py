@@ -8,10 +8,9 @@ router losses per micro-batch. Document ids are derived from the input ids once 
 import contextlib
 import functools
 import logging
-import signal
+import math
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from megatron.core import parallel_state
@@ -28,6 +27,7 @@ from megatron_emo.routing.documents import document_ids
 from megatron_emo.routing.router import DocumentPooledRouter
 from megatron_emo.training.checkpoint import find_latest, load_checkpoint, prune_checkpoints, save_checkpoint
 from megatron_emo.training.cpu_mode import cuda_on_cpu
+from megatron_emo.training.guards import NonFiniteGuard, NonFiniteStep, SpikeDetector, StopSignal
 from megatron_emo.training.distributed import Runtime, init_distributed, shutdown_distributed
 from megatron_emo.training.metrics import MetricsWriter
 from megatron_emo.training.optimizer import cpu_stepper, gpu_stepper
@@ -93,23 +93,6 @@ def _wrap_for_gpu(model, config):
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     return model
-
-
-class StopSignal:
-    """Remembers SIGTERM/SIGUSR1 (how SLURM preempts) so the loop can stop at a step boundary."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def train(run: RunConfig) -> list[dict]:
@@ -189,23 +172,51 @@ def _train(run: RunConfig) -> list[dict]:
     )
     forward_backward = get_forward_backward_func()
     forward_step = functools.partial(_forward_step, tokenizer.eos_id, config.emo_routing_seed)
+    guard = NonFiniteGuard(run.train.nan_policy, run.train.max_nan_skips)
+    spikes = SpikeDetector(run.train.spike_factor)
     records = []
     stop = StopSignal()
+
+    def save(done: int) -> None:
+        path = save_checkpoint(checkpoints, done, model=gpt_model, optimizer=stepper.optimizer,
+                               scheduler=stepper.scheduler, run=run)
+        prune_checkpoints(checkpoints, keep_last=run.train.keep_last, keep_every=run.train.keep_every)
+        writer.info(f"saved {path}")
+
     try:
         for step in range(start_step, run.train.steps):
-            record = _train_step(step, model, stepper, forward_backward, forward_step, dataset, run,
-                                 runtime, num_microbatches, routers)
-            if record is not None:
+            started = time.perf_counter()
+            lr = stepper.optimizer.param_groups[0]["lr"]
+            losses = _forward_backward(step, model, stepper, forward_backward, forward_step, dataset, run,
+                                       runtime, num_microbatches)
+            loss = _mean_loss(losses, runtime)
+            grad_norm, applied = stepper.step() if math.isfinite(loss) else (float("nan"), False)
+            if applied:
+                guard.good_step()
+                stepper.scheduler.step(increment=1)
+                spikes.observe(step + 1, loss)
+            else:
+                try:
+                    guard.bad_step(step, loss, grad_norm, model)
+                except NonFiniteStep:
+                    if run.train.save:
+                        save(step)  # the parameters are still those of the last good step
+                    raise
+            if runtime.on_gpu:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+            done = step + 1
+            if done % run.train.log_interval == 0 or done == run.train.steps:
+                record = {"step": done, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+                          "tokens_per_s": data.global_batch_size * data.seq_length / elapsed,
+                          "step_time_s": elapsed}
+                record.update(_router_summary([router.metrics.read() for router in routers]))
                 records.append(record)
                 writer.write(record)
-            done = step + 1
             if stop.received:
-                writer.info(f"{stop.received} received: saving step {done} and stopping")
+                writer.info(f"{stop.received} received: stopping after step {done}")
             if run.train.save and (done % run.train.save_interval == 0 or done == run.train.steps or stop.received):
-                saved = save_checkpoint(checkpoints, done, model=gpt_model, optimizer=stepper.optimizer,
-                                        scheduler=stepper.scheduler, run=run)
-                prune_checkpoints(checkpoints, keep_last=run.train.keep_last, keep_every=run.train.keep_every)
-                writer.info(f"saved {saved}")
+                save(done)
             if stop.received:
                 break
     finally:
@@ -214,49 +225,32 @@ def _train(run: RunConfig) -> list[dict]:
     return records
 
 
-def _train_step(step, model, stepper, forward_backward, forward_step, dataset, run, runtime,
-                num_microbatches, routers) -> Optional[dict]:
-    """One optimizer step; the log record when this step is logged, else None."""
-    data = run.data
-    started = time.perf_counter()
+def _forward_backward(step, model, stepper, forward_backward, forward_step, dataset, run, runtime,
+                      num_microbatches) -> list[dict]:
+    """Gradients of one step's batch (this rank's micro-batches); the per-micro-batch losses."""
     model.train()
     stepper.zero_grad()
-    losses = forward_backward(
+    return forward_backward(
         forward_step_func=functools.partial(forward_step, step),
         data_iterator=_microbatches(dataset, run, runtime, step),
         model=[model],
         num_microbatches=num_microbatches,
-        seq_length=data.seq_length,
-        micro_batch_size=data.micro_batch_size,
+        seq_length=run.data.seq_length,
+        micro_batch_size=run.data.micro_batch_size,
         forward_only=False,
     )
-    lr = stepper.optimizer.param_groups[0]["lr"]
-    grad_norm = stepper.step()
-    stepper.scheduler.step(increment=1)
-    if runtime.on_gpu:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - started
-    if (step + 1) % run.train.log_interval and step + 1 != run.train.steps:
-        return None
-    record = {
-        "step": step + 1,
-        "loss": _mean_loss(losses, runtime),
-        "grad_norm": grad_norm,
-        "lr": lr,
-        "tokens_per_s": data.global_batch_size * data.seq_length / elapsed,
-        "step_time_s": elapsed,
-    }
-    record.update(_router_summary([router.metrics.read() for router in routers]))
-    return record
 
 
-def _mean_loss(losses: list[dict], runtime: Runtime):
-    """Token-weighted LM loss of the step (last pipeline stage; None elsewhere)."""
-    if not parallel_state.is_pipeline_last_stage():
-        return None
-    totals = torch.stack([item["lm_loss"] for item in losses]).sum(dim=0)
-    if runtime.data_parallel_size > 1:
-        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+def _mean_loss(losses: list[dict], runtime: Runtime) -> float:
+    """Token-weighted LM loss of the step over the data-parallel ranks, known on every rank
+    (the last pipeline stage has it; the others receive it), so all ranks skip alike."""
+    totals = torch.zeros(2, device=runtime.device)
+    if parallel_state.is_pipeline_last_stage():
+        totals = torch.stack([item["lm_loss"] for item in losses]).sum(dim=0)
+        if runtime.data_parallel_size > 1:
+            torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     total, count = totals.tolist()
     return total / count
 

@@ -1,13 +1,45 @@
 """Where step records go: the console, ``metrics.jsonl`` and TensorBoard (logging rank only)."""
 
 import dataclasses
+import importlib.metadata
 import json
 import logging
+import platform
+import subprocess
+import sys
 from pathlib import Path
+
+import torch
 
 from megatron_emo.recipes import RunConfig
 
 logger = logging.getLogger("megatron_emo")
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_info() -> dict:
+    """The exact command, versions and code a run was started with."""
+    packages = {}
+    for name in ("torch", "megatron-core", "megatron_emo", "triton", "sentencepiece", "numpy"):
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "command": [sys.executable, *sys.argv],
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "packages": packages,
+        "git_commit": _git_commit(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def format_record(record: dict) -> str:
@@ -32,6 +64,7 @@ class MetricsWriter:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         config = dataclasses.asdict(run)
         (self.output_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
+        (self.output_dir / "run_info.json").write_text(json.dumps(run_info(), indent=2))
         self.jsonl = self._open_jsonl(self.output_dir / "metrics.jsonl", resume_step)
         if run.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

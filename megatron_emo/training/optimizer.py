@@ -3,6 +3,8 @@
 EMO decays every parameter except the input embeddings; both paths do the same.
 """
 
+import fnmatch
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,11 +18,12 @@ EMBEDDING_PARAM = "*embedding.word_embeddings.weight"
 
 @dataclass
 class Stepper:
-    """One optimizer step: ``step()`` clips, updates, and returns the gradient norm."""
+    """One optimizer step: ``step()`` clips and updates, and returns the gradient norm and
+    whether the update was applied (not with a non-finite gradient norm)."""
 
     optimizer: object
     scheduler: OptimizerParamScheduler
-    step: Callable[[], float]
+    step: Callable[[], tuple[float, bool]]
     zero_grad: Callable[[], None]
 
 
@@ -42,8 +45,6 @@ def _scheduler(optimizer, optim: OptimConfig, total_steps: int) -> OptimizerPara
 
 def cpu_stepper(model: torch.nn.Module, optim: OptimConfig, total_steps: int) -> Stepper:
     """torch AdamW (megatron-core's optimizers insist on CUDA tensors)."""
-    import fnmatch
-
     named = list(model.named_parameters())
     embeddings = [p for name, p in named if fnmatch.fnmatch(name, EMBEDDING_PARAM)]
     others = [p for name, p in named if not fnmatch.fnmatch(name, EMBEDDING_PARAM)]
@@ -55,10 +56,12 @@ def cpu_stepper(model: torch.nn.Module, optim: OptimConfig, total_steps: int) ->
     )
     params = [p for _, p in named]
 
-    def step() -> float:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.clip_grad)
+    def step() -> tuple[float, bool]:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.clip_grad))
+        if not math.isfinite(grad_norm):
+            return grad_norm, False
         optimizer.step()
-        return float(grad_norm)
+        return grad_norm, True
 
     return Stepper(optimizer, _scheduler(optimizer, optim, total_steps), step, lambda: optimizer.zero_grad(set_to_none=True))
 
@@ -86,11 +89,9 @@ def gpu_stepper(model, config, optim: OptimConfig, total_steps: int) -> Stepper:
         config_overrides={ParamKey(name=EMBEDDING_PARAM): {"wd_mult": 0.0}},
     )
 
-    def step() -> float:
+    def step() -> tuple[float, bool]:
         update_successful, grad_norm, _ = optimizer.step()
-        if not update_successful:
-            raise FloatingPointError("the optimizer skipped the step (non-finite gradients)")
-        return float(grad_norm)
+        return float("nan") if grad_norm is None else float(grad_norm), bool(update_successful)
 
     def zero_grad() -> None:
         model.zero_grad_buffer()

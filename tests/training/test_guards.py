@@ -1,0 +1,75 @@
+"""Non-finite steps are skipped or stop the run with a checkpoint; spikes are logged."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from megatron_emo.recipes import apply_override, get_recipe
+from megatron_emo.training import loop
+from megatron_emo.training.checkpoint import find_latest
+from megatron_emo.training.guards import NonFiniteStep, SpikeDetector
+
+
+def _run(tmp_path, *overrides):
+    run = get_recipe("tiny")
+    for assignment in (
+        "train.steps=5", "optim.warmup_steps=1", "train.log_interval=1", "train.tensorboard=False",
+        f"train.output_dir={str(tmp_path / 'run')!r}", f"data.cache_dir={str(tmp_path / 'cache')!r}",
+        "data.seq_length=64", "model.num_layers=1", *overrides,
+    ):
+        apply_override(run, assignment)
+    return run
+
+
+@pytest.fixture
+def nan_at_steps(monkeypatch):
+    """Make the LM loss NaN in the forward passes of the given (1-based) steps."""
+    def install(steps):
+        original = loop._forward_step
+
+        def forward_step(eos, seed, step, data_iterator, model):
+            output, loss_func = original(eos, seed, step, data_iterator, model)
+            if step + 1 in steps:
+                output = output * float("nan")
+            return output, loss_func
+
+        monkeypatch.setattr(loop, "_forward_step", forward_step)
+    return install
+
+
+def _records(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, nan_at_steps, caplog):
+    nan_at_steps({3})
+    with caplog.at_level(logging.WARNING):
+        loop.train(_run(tmp_path))
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[2]["loss"] != records[2]["loss"]  # NaN logged for the skipped step
+    assert all(r["loss"] == r["loss"] for r in records[3:])
+    assert "skipped step 3" in caplog.text
+
+
+def test_stop_policy_saves_the_last_good_state_and_raises(tmp_path, nan_at_steps):
+    nan_at_steps({3})
+    with pytest.raises(NonFiniteStep, match="step 3"):
+        loop.train(_run(tmp_path, "train.nan_policy='stop'"))
+    assert find_latest(tmp_path / "run" / "checkpoints").name == "step_00000002"
+
+
+def test_too_many_skips_in_a_row_stop(tmp_path, nan_at_steps):
+    nan_at_steps({2, 3})
+    with pytest.raises(NonFiniteStep, match=r"2 bad steps in a row"):
+        loop.train(_run(tmp_path, "train.max_nan_skips=1"))
+
+
+def test_spike_detector_logs(caplog):
+    detector = SpikeDetector(factor=2.0)
+    with caplog.at_level(logging.WARNING):
+        for step, loss in enumerate([5.0, 4.9, 4.8, 15.0], start=1):
+            detector.observe(step, loss)
+    assert "loss spike at step 4" in caplog.text and "step 3" not in caplog.text
