@@ -88,6 +88,10 @@ class TrainConfig:
     """More non-finite steps in a row than this stop the run (with a checkpoint)."""
     spike_factor: float = 3.0
     """Log a warning when the loss exceeds this multiple of its running mean."""
+    eval_interval: int = 0
+    """Validation loss per domain every this many steps and at the end (0: never)."""
+    eval_samples: int = 64
+    """Validation samples per domain."""
 
 
 @dataclass(kw_only=True)
@@ -141,7 +145,7 @@ def tiny() -> RunConfig:
         data=DataConfig(seq_length=256, micro_batch_size=8, global_batch_size=16),
         gpt=GPTConfig(rotary_base=10_000, make_vocab_size_divisible_by=64),
         optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=20),
-        train=TrainConfig(steps=200, log_interval=10, output_dir="runs/tiny"),
+        train=TrainConfig(steps=200, log_interval=10, eval_interval=100, eval_samples=32, output_dir="runs/tiny"),
     )
 
 
@@ -256,6 +260,11 @@ def validate_run(run: RunConfig) -> None:
         raise ConfigError(
             f"train.save_interval={train.save_interval} and train.keep_last={train.keep_last} must "
             f"be at least 1, train.keep_every={train.keep_every} at least 0"
+        )
+    if train.eval_interval < 0 or train.eval_samples < data.micro_batch_size:
+        raise ConfigError(
+            f"train.eval_interval={train.eval_interval} must be >= 0 and train.eval_samples="
+            f"{train.eval_samples} at least data.micro_batch_size={data.micro_batch_size}"
         )
     if train.nan_policy not in ("skip", "stop") or train.max_nan_skips < 0:
         raise ConfigError(

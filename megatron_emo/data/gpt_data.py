@@ -16,6 +16,25 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron_emo.data.tokenizer import Tokenizer
 
 
+def gpt_dataset_config(blend, tokenizer: Tokenizer, *, seq_length: int, seed: int, split: str,
+                       cache_dir: str | os.PathLike) -> GPTDatasetConfig:
+    """megatron-core's dataset config for a blend ``[(weight, prefix), ...]``."""
+    weights = [float(weight) for weight, _ in blend]
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=([str(prefix) for _, prefix in blend], weights),
+        split=split,
+        path_to_cache=str(cache_dir),
+        tokenizer=tokenizer,
+        # EMO trains on packed documents; document masking and ids are ours (from EOS tokens).
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+
+
 def build_train_dataset(
     blend: list[tuple[float, str]],
     tokenizer: Tokenizer,
@@ -32,20 +51,7 @@ def build_train_dataset(
         a dataset whose item ``i`` is a dict with int64 ``tokens`` and ``labels`` ``[seq_length]``
         and fp32 ``loss_mask``.
     """
-    weights = [float(weight) for weight, _ in blend]
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        blend=([str(prefix) for _, prefix in blend], weights),
-        split=split,
-        path_to_cache=str(cache_dir),
-        tokenizer=tokenizer,
-        # EMO trains on packed documents; document masking and ids are ours (from EOS tokens).
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-    )
+    config = gpt_dataset_config(blend, tokenizer, seq_length=seq_length, seed=seed, split=split, cache_dir=cache_dir)
     train, _, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [num_samples, 0, 0], lambda: True, config
     ).build()

@@ -27,6 +27,7 @@ from megatron_emo.routing.documents import document_ids
 from megatron_emo.routing.router import DocumentPooledRouter
 from megatron_emo.training.checkpoint import find_latest, load_checkpoint, prune_checkpoints, save_checkpoint
 from megatron_emo.training.cpu_mode import cuda_on_cpu
+from megatron_emo.training.evaluate import build_validation_datasets, evaluate
 from megatron_emo.training.guards import NonFiniteGuard, NonFiniteStep, SpikeDetector, StopSignal
 from megatron_emo.training.distributed import Runtime, init_distributed, shutdown_distributed
 from megatron_emo.training.metrics import MetricsWriter
@@ -72,6 +73,15 @@ def _microbatches(dataset, run: RunConfig, runtime: Runtime, step: int):
     for start in range(first, first + per_rank, data.micro_batch_size):
         sample_index = torch.arange(start, start + data.micro_batch_size)
         batch = collate(dataset, step * data.global_batch_size + sample_index)
+        yield tuple(t.to(runtime.device) for t in (batch["tokens"], batch["labels"], batch["loss_mask"], sample_index))
+
+
+def _validation_batches(dataset, num_batches: int, *, run: RunConfig, runtime: Runtime):
+    """Consecutive micro-batches of a validation dataset (every rank evaluates all of them)."""
+    size = run.data.micro_batch_size
+    for start in range(0, num_batches * size, size):
+        sample_index = torch.arange(start, start + size)
+        batch = collate(dataset, sample_index)
         yield tuple(t.to(runtime.device) for t in (batch["tokens"], batch["labels"], batch["loss_mask"], sample_index))
 
 
@@ -134,6 +144,10 @@ def _train(run: RunConfig) -> list[dict]:
         split=data.split,
         cache_dir=data.cache_dir,
     )
+
+    validation = None
+    if run.train.eval_interval:
+        validation = build_validation_datasets(blend, tokenizer, num_samples=run.train.eval_samples, run=run)
 
     model = build_gpt_model(
         config,
@@ -213,6 +227,11 @@ def _train(run: RunConfig) -> list[dict]:
                 record.update(_router_summary([router.metrics.read() for router in routers]))
                 records.append(record)
                 writer.write(record)
+            if validation and (done % run.train.eval_interval == 0 or done == run.train.steps):
+                results = evaluate(model, config, validation, forward_backward=forward_backward,
+                                   forward_step=forward_step, run=run, runtime=runtime,
+                                   microbatches=functools.partial(_validation_batches, run=run, runtime=runtime))
+                writer.write_eval(done, results)
             if stop.received:
                 writer.info(f"{stop.received} received: stopping after step {done}")
             if run.train.save and (done % run.train.save_interval == 0 or done == run.train.steps or stop.received):

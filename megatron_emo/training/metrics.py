@@ -100,6 +100,18 @@ class MetricsWriter:
                     for layer, layer_value in enumerate(value, start=1):
                         self.tensorboard.add_scalar(f"router/{key}/layer{layer}", layer_value, record["step"])
 
+    def write_eval(self, step: int, results: dict) -> None:
+        """Validation losses (``eval/<domain>/<pool>`` → loss) to the console, eval.jsonl and
+        TensorBoard."""
+        if not self.enabled or not results:
+            return
+        logger.info("eval step %d | %s", step, " | ".join(f"{k[5:]} {v:.4g}" for k, v in results.items()))
+        with open(self.output_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **results}) + "\n")
+        if self.tensorboard is not None:
+            for key, value in results.items():
+                self.tensorboard.add_scalar(key, value, step)
+
     def close(self) -> None:
         if not self.enabled:
             return

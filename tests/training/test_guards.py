@@ -6,21 +6,10 @@ import logging
 import pytest
 import torch
 
-from megatron_emo.recipes import apply_override, get_recipe
 from megatron_emo.training import loop
 from megatron_emo.training.checkpoint import find_latest
 from megatron_emo.training.guards import NonFiniteStep, SpikeDetector
-
-
-def _run(tmp_path, *overrides):
-    run = get_recipe("tiny")
-    for assignment in (
-        "train.steps=5", "optim.warmup_steps=1", "train.log_interval=1", "train.tensorboard=False",
-        f"train.output_dir={str(tmp_path / 'run')!r}", f"data.cache_dir={str(tmp_path / 'cache')!r}",
-        "data.seq_length=64", "model.num_layers=1", *overrides,
-    ):
-        apply_override(run, assignment)
-    return run
+from tests.training.conftest import small_run as _run
 
 
 @pytest.fixture

@@ -1,0 +1,74 @@
+"""Validation loss on held-out data, per domain, with the router's eval pool and with no pool.
+
+EMO evaluates inside training with a fixed pool (``emo_eval_pool``, 32 for the flagship), while
+the exported Hugging Face model routes with no pool at all; both are measured. The held-out data
+is the validation split of each dataset of the blend (each dataset is one domain).
+"""
+
+import contextlib
+import functools
+from pathlib import Path
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset
+
+from megatron_emo.data.gpt_data import collate, gpt_dataset_config
+
+
+def build_validation_datasets(blend, tokenizer, *, num_samples: int, run) -> dict[str, object]:
+    """The validation split of every dataset of the blend, by domain (the prefix's name)."""
+    datasets = {}
+    for _, prefix in blend:
+        config = gpt_dataset_config([(1.0, prefix)], tokenizer, seq_length=run.data.seq_length,
+                                    seed=run.data.seed, split=run.data.split, cache_dir=run.data.cache_dir)
+        _, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, [0, num_samples, 0], lambda: True, config).build()
+        if valid is None:
+            raise ValueError(f"data.split={run.data.split!r} leaves no validation data for {prefix}")
+        datasets[Path(prefix).name] = valid
+    return datasets
+
+
+@contextlib.contextmanager
+def eval_pool(config, pool):
+    """Route with ``pool`` in eval mode for the block (every router reads the shared config)."""
+    saved = config.emo_eval_pool
+    config.emo_eval_pool = pool
+    try:
+        yield
+    finally:
+        config.emo_eval_pool = saved
+
+
+def pools_to_evaluate(config) -> dict[str, object]:
+    """Named eval settings: the configured eval pool, and no pool (once if they coincide)."""
+    if config.emo_router_mode == "topk" or config.emo_eval_pool is None:
+        return {"no_pool": None}
+    return {f"pool{config.emo_eval_pool}": config.emo_eval_pool, "no_pool": None}
+
+
+def evaluate(model, config, datasets, *, forward_backward, forward_step, run, runtime, microbatches) -> dict:
+    """Mean LM loss per ``eval/<domain>/<pool setting>`` over each validation dataset."""
+    data = run.data
+    results = {}
+    model.eval()
+    for domain, dataset in datasets.items():
+        num_batches = len(dataset) // data.micro_batch_size
+        if num_batches == 0:
+            continue
+        for name, pool in pools_to_evaluate(config).items():
+            with eval_pool(config, pool), torch.no_grad():
+                losses = forward_backward(
+                    forward_step_func=functools.partial(forward_step, 0),
+                    data_iterator=microbatches(dataset, num_batches),
+                    model=[model],
+                    num_microbatches=num_batches,
+                    seq_length=data.seq_length,
+                    micro_batch_size=data.micro_batch_size,
+                    forward_only=True,
+                )
+            if losses:
+                total, count = torch.stack([item["lm_loss"] for item in losses]).sum(dim=0).tolist()
+                results[f"eval/{domain}/{name}"] = total / count
+    model.train()
+    return results
