@@ -27,6 +27,7 @@ from megatron_emo.routing.documents import document_ids
 from megatron_emo.routing.router import DocumentPooledRouter
 from megatron_emo.training.checkpoint import find_latest, load_checkpoint, prune_checkpoints, save_checkpoint
 from megatron_emo.training.cpu_mode import cuda_on_cpu
+from megatron_emo.training.flops import peak_tflops, training_flops_per_token
 from megatron_emo.training.evaluate import build_validation_datasets, evaluate
 from megatron_emo.training.guards import NonFiniteGuard, NonFiniteStep, SpikeDetector, StopSignal
 from megatron_emo.training.distributed import Runtime, init_distributed, shutdown_distributed
@@ -186,6 +187,10 @@ def _train(run: RunConfig) -> list[dict]:
     )
     forward_backward = get_forward_backward_func()
     forward_step = functools.partial(_forward_step, tokenizer.eos_id, config.emo_routing_seed)
+    flops_per_token = training_flops_per_token(config, seq_length=data.seq_length, vocab_size=vocab_size)
+    peak = peak_tflops(runtime.device)
+    writer.info(f"{flops_per_token / 1e9:.3f} GFLOP per token for training (formula: "
+                f"megatron_emo/training/flops.py); MFU against {peak or 'no known'} TFLOP/s peak")
     guard = NonFiniteGuard(run.train.nan_policy, run.train.max_nan_skips)
     spikes = SpikeDetector(run.train.spike_factor)
     records = []
@@ -221,9 +226,14 @@ def _train(run: RunConfig) -> list[dict]:
             elapsed = time.perf_counter() - started
             done = step + 1
             if done % run.train.log_interval == 0 or done == run.train.steps:
+                tokens_per_s = data.global_batch_size * data.seq_length / elapsed
                 record = {"step": done, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                          "tokens_per_s": data.global_batch_size * data.seq_length / elapsed,
-                          "step_time_s": elapsed}
+                          "tokens_per_s": tokens_per_s, "step_time_s": elapsed,
+                          "tflops_per_gpu": flops_per_token * tokens_per_s / runtime.world_size / 1e12}
+                if peak is not None:
+                    record["mfu"] = record["tflops_per_gpu"] / peak
+                if runtime.on_gpu:
+                    record["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 record.update(_router_summary([router.metrics.read() for router in routers]))
                 records.append(record)
                 writer.write(record)

@@ -32,3 +32,4 @@ def test_validation_loss_per_domain_with_and_without_pool(tmp_path):
         assert all(math.isfinite(v) and 3 < v < 9 for k, v in record.items() if k != "step")
     # The model learns between evaluations.
     assert records[-1]["eval/docs/no_pool"] < records[0]["eval/docs/no_pool"]
+
