@@ -53,8 +53,13 @@ class GPTConfig:
 class OptimConfig:
     lr: float = 4e-3
     min_lr: float = 4e-4
-    """Cosine decay ends here at the last step."""
+    """The decay ends here at the last step."""
     warmup_steps: int = 2000
+    schedule: str = "cosine"
+    """After the warm-up: ``cosine`` to min_lr over the run, or ``wsd`` (warmup-stable-decay:
+    constant, then a linear anneal to min_lr over the last ``anneal_steps``)."""
+    anneal_steps: int = 0
+    """Length of the final linear anneal of the ``wsd`` schedule."""
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -253,6 +258,13 @@ def validate_run(run: RunConfig) -> None:
     if not 0 <= optim.warmup_steps <= train.steps:
         raise ConfigError(
             f"optim.warmup_steps={optim.warmup_steps} must be in [0, train.steps={train.steps}]"
+        )
+    if optim.schedule not in ("cosine", "wsd"):
+        raise ConfigError(f"optim.schedule={optim.schedule!r} must be 'cosine' or 'wsd'")
+    if optim.schedule == "wsd" and not 0 < optim.anneal_steps <= train.steps - optim.warmup_steps:
+        raise ConfigError(
+            f"optim.anneal_steps={optim.anneal_steps} must be in [1, train.steps - optim.warmup_steps = "
+            f"{train.steps - optim.warmup_steps}] for the wsd schedule"
         )
     if not 0 <= optim.min_lr <= optim.lr:
         raise ConfigError(f"optim.min_lr={optim.min_lr} must be in [0, optim.lr={optim.lr}]")

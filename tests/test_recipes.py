@@ -66,3 +66,32 @@ def test_run_validation(assignment, message):
     apply_override(run, assignment)
     with pytest.raises(ConfigError, match=message):
         validate_run(run)
+
+
+def test_wsd_schedule_is_constant_then_linear_to_min_lr():
+    import torch
+
+    from megatron_emo.training.optimizer import _scheduler
+
+    run = get_recipe("tiny")
+    for assignment in ("optim.schedule='wsd'", "optim.anneal_steps=4", "optim.warmup_steps=2", "train.steps=10"):
+        apply_override(run, assignment)
+    validate_run(run)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    scheduler = _scheduler(optimizer, run.optim, run.train.steps)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(1)
+    lrs.append(optimizer.param_groups[0]["lr"])
+    lr, min_lr = run.optim.lr, run.optim.min_lr
+    assert lrs[0] == 0.0 and lrs[2:7] == [lr] * 5
+    assert lrs[6] > lrs[7] > lrs[8] > lrs[9] > lrs[10] and abs(lrs[10] - min_lr) < 1e-12
+    assert abs(lrs[8] - (min_lr + (lr - min_lr) * 0.5)) < 1e-12  # linear: halfway at half the anneal
+
+
+def test_wsd_needs_anneal_steps():
+    run = get_recipe("tiny")
+    apply_override(run, "optim.schedule='wsd'")
+    with pytest.raises(ConfigError, match="anneal_steps"):
+        validate_run(run)

@@ -9,12 +9,15 @@ import contextlib
 import functools
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from megatron_emo.data.demo_data import prepare_demo_data
 from megatron_emo.data.gpt_data import build_train_dataset, collate
@@ -110,7 +113,7 @@ def train(run: RunConfig) -> list[dict]:
     """Train ``run`` and return the logged records (also written to metrics.jsonl)."""
     validate_run(run)
     on_gpu = torch.cuda.is_available()
-    with contextlib.nullcontext() if on_gpu else cuda_on_cpu():
+    with contextlib.nullcontext() if on_gpu else cuda_on_cpu(), logging_redirect_tqdm():
         try:
             return _train(run)
         finally:
@@ -202,8 +205,12 @@ def _train(run: RunConfig) -> list[dict]:
         prune_checkpoints(checkpoints, keep_last=run.train.keep_last, keep_every=run.train.keep_every)
         writer.info(f"saved {path}")
 
+    # A progress bar with ETA on an interactive terminal; plain log lines in batch jobs.
+    progress = tqdm(total=run.train.steps, initial=start_step, unit="step", dynamic_ncols=True,
+                    disable=not (runtime.is_logging_rank and sys.stderr.isatty()))
     try:
         for step in range(start_step, run.train.steps):
+            progress.update(1)
             started = time.perf_counter()
             lr = stepper.optimizer.param_groups[0]["lr"]
             losses = _forward_backward(step, model, stepper, forward_backward, forward_step, dataset, run,
@@ -249,6 +256,7 @@ def _train(run: RunConfig) -> list[dict]:
             if stop.received:
                 break
     finally:
+        progress.close()
         stop.restore()
         writer.close()
     return records
