@@ -174,12 +174,13 @@ def _train(run: RunConfig) -> list[dict]:
     if latest is not None:
         start_step = load_checkpoint(latest, model=gpt_model, optimizer=stepper.optimizer, scheduler=stepper.scheduler)
 
-    num_microbatches = data.global_batch_size // (data.micro_batch_size * runtime.data_parallel_size)
-    if num_microbatches < 1:
-        raise ValueError(
-            f"data.global_batch_size={data.global_batch_size} is smaller than micro_batch_size x "
-            f"data-parallel size = {data.micro_batch_size * runtime.data_parallel_size}"
+    per_microbatch = data.micro_batch_size * runtime.data_parallel_size
+    if data.global_batch_size % per_microbatch:
+        raise ConfigError(
+            f"data.global_batch_size={data.global_batch_size} is not a multiple of "
+            f"data.micro_batch_size x data-parallel size = {per_microbatch}"
         )
+    num_microbatches = data.global_batch_size // per_microbatch
     writer = MetricsWriter(run, enabled=runtime.is_logging_rank, resume_step=start_step)
     if latest is not None:
         writer.info(f"resumed from {latest} at step {start_step}")

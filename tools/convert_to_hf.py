@@ -1,0 +1,163 @@
+"""Export a megatron_emo checkpoint as a Hugging Face folder that stock transformers loads.
+
+    python tools/convert_to_hf.py --checkpoint runs/tiny/checkpoints --output runs/tiny/hf
+    python tools/convert_to_hf.py --checkpoint runs/tiny/checkpoints/step_00000200 --output runs/tiny/hf \\
+        --generate "def main(" --max-new-tokens 8
+    python tools/convert_to_hf.py --output runs/tiny/hf --generate "The cat"   # generate only
+
+The folder holds a ``Qwen2MoeForCausalLM`` (``model_type: qwen2_moe``, no remote code):
+``config.json``, ``generation_config.json``, safetensors (sharded with an index above
+``--max-shard-size``) and the tokenizer (``tokenizer.json``, ``tokenizer_config.json``,
+``tokenizer.model``). ``--checkpoint`` takes a ``step_N`` folder, a run's ``checkpoints`` folder
+or the run's output folder (then the newest checkpoint). The checkpoint is verified against its
+manifest first. The tokenizer is the run's (``data.tokenizer_model``, or the demo corpus's under
+``data.cache_dir``) unless ``--tokenizer-model`` names another.
+
+The HF model routes every token over all routed experts (no document pool, as EMO's own HF
+release) and attends causally across EOS: megatron_emo in eval mode with
+``emo_eval_pool=None`` on one document gives the same logits. Mapping details:
+megatron_emo/convert/qwen2_moe.py.
+
+Exit codes: 0 done; 2 bad input (missing or corrupt checkpoint, no tokenizer, a model the
+format cannot express, an existing output folder without --force).
+"""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
+warnings.filterwarnings("ignore", message="full scope is deprecated")
+
+import torch  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_CHECK_DOCS = 30
+"""Documents per demo domain re-encoded to check the exported tokenizer."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="step_N folder, a run's checkpoints folder, or the run folder")
+    parser.add_argument("--output", required=True, help="the Hugging Face folder to write (or read, for --generate)")
+    parser.add_argument("--tokenizer-model", help="SentencePiece .model to export instead of the run's")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                        help="dtype of the exported weights (auto: the checkpoint's parameter dtype)")
+    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 500MB, 5GB)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --output folder")
+    parser.add_argument("--generate", metavar="PROMPT", help="then load --output in stock transformers and "
+                        "print a greedy continuation of PROMPT")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.checkpoint is None and args.generate is None:
+        parser.error("give --checkpoint (export) and/or --generate (load --output and generate)")
+    return args
+
+
+def _demo_texts(run) -> list[str]:
+    """A sample of the run's demo documents, to check the tokenizer on real text."""
+    if run.data.blend:
+        return []
+    texts = []
+    for path in sorted((Path(run.data.cache_dir) / "demo" / "text").glob("*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            for _, line in zip(range(TOKENIZER_CHECK_DOCS), f):
+                texts.append(json.loads(line)["text"])
+    return texts
+
+
+def export(args) -> Path:
+    from megatron_emo.convert import qwen2_moe
+    from megatron_emo.convert.hf_tokenizer import export_tokenizer
+    from megatron_emo.convert.megatron_checkpoint import find_tokenizer, load_checkpoint_for_export
+    from megatron_emo.data.tokenizer import Tokenizer
+
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.force:
+        raise FileExistsError(f"{output} exists and is not empty: pass --force to replace it")
+    start = time.time()
+    checkpoint = load_checkpoint_for_export(args.checkpoint)
+    tokenizer = Tokenizer(find_tokenizer(checkpoint.run, checkpoint.path, args.tokenizer_model))
+    vocab = checkpoint.vocab_size()
+    if tokenizer.vocab_size > vocab:
+        raise qwen2_moe.ConversionError(
+            f"tokenizer {tokenizer.model_file} has {tokenizer.vocab_size} pieces but the model only "
+            f"{vocab} embedding rows: it is not the tokenizer this model was trained with"
+        )
+    config = checkpoint.emo_config(eos_token_id=tokenizer.eos_id)
+    gpt = checkpoint.gpt_settings()
+
+    tmp = output.with_name(f".tmp-{output.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        info = export_tokenizer(tokenizer.model_file, tmp, check_texts=_demo_texts(checkpoint.run))
+        qwen2_moe.save_hf_model(
+            tmp, checkpoint.state_dict, config, gpt,
+            dtype=DTYPES[args.dtype],
+            bos_token_id=info["bos_token_id"],
+            pad_token_id=info["pad_token_id"],
+            tokenizer_vocab_size=info["vocab_size"],
+            max_shard_size=args.max_shard_size,
+        )
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    files = sorted(p.name for p in output.glob("*.safetensors"))
+    size = sum(p.stat().st_size for p in output.glob("*.safetensors"))
+    print(f"exported {checkpoint.path} (step {checkpoint.step}, run {checkpoint.run.name!r}) to {output} "
+          f"in {time.time() - start:.1f} s")
+    print(f"  Qwen2MoeForCausalLM: {config.num_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_routed_experts} routed experts (top-{config.routed_topk}) + "
+          f"{config.emo_num_shared_experts} shared, vocab {vocab} (tokenizer {tokenizer.vocab_size}), "
+          f"{len(files)} safetensors file(s), {size / 1e6:.1f} MB")
+    print(f"  tokenizer: {tokenizer.model_file} -> tokenizer.json, checked identical on {info['checked_texts']} texts")
+    if config.emo_router_mode == "emo":
+        pool = config.emo_eval_pool
+        print(f"  note: the HF model routes every token over all {config.num_routed_experts} routed experts; "
+              f"megatron_emo's document pools (eval pool {pool}) have no HF equivalent (recorded in "
+              "config.json emo_metadata)")
+    return output
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
+        lambda record: "Unknown MLP type" not in record.getMessage()
+    )
+    from megatron_emo.config import ConfigError
+    from megatron_emo.convert.hf_tokenizer import TokenizerExportError
+    from megatron_emo.convert.qwen2_moe import ConversionError
+    from megatron_emo.training.checkpoint import CheckpointError
+
+    try:
+        if args.checkpoint is not None:
+            export(args)
+        if args.generate is not None:
+            from megatron_emo.convert.hf_generate import generate
+
+            if not (Path(args.output) / "config.json").is_file():
+                raise FileNotFoundError(f"{args.output} has no config.json: export a checkpoint there first")
+            result = generate(args.output, args.generate, max_new_tokens=args.max_new_tokens)
+            print(f"prompt: {args.generate!r} ({len(result.prompt_ids)} tokens)")
+            print(f"greedy continuation ({len(result.new_ids)} tokens, stock transformers): {result.text!r}")
+            print(f"  token ids: {result.new_ids}")
+    except (CheckpointError, ConversionError, TokenizerExportError, ConfigError, FileNotFoundError,
+            FileExistsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
