@@ -130,6 +130,13 @@ def _train(run: RunConfig) -> list[dict]:
         )
     runtime = init_distributed(tensor_parallel_size=tp, pipeline_parallel_size=pp, seed=run.train.seed)
     data = run.data
+    per_microbatch = data.micro_batch_size * runtime.data_parallel_size
+    if data.global_batch_size % per_microbatch:
+        raise ConfigError(
+            f"data.global_batch_size={data.global_batch_size} is not a multiple of "
+            f"data.micro_batch_size x data-parallel size = {per_microbatch}"
+        )
+    num_microbatches = data.global_batch_size // per_microbatch
 
     blend, tokenizer = resolve_data(run)
     vocab_size = max(
@@ -174,13 +181,6 @@ def _train(run: RunConfig) -> list[dict]:
     if latest is not None:
         start_step = load_checkpoint(latest, model=gpt_model, optimizer=stepper.optimizer, scheduler=stepper.scheduler)
 
-    per_microbatch = data.micro_batch_size * runtime.data_parallel_size
-    if data.global_batch_size % per_microbatch:
-        raise ConfigError(
-            f"data.global_batch_size={data.global_batch_size} is not a multiple of "
-            f"data.micro_batch_size x data-parallel size = {per_microbatch}"
-        )
-    num_microbatches = data.global_batch_size // per_microbatch
     writer = MetricsWriter(run, enabled=runtime.is_logging_rank, resume_step=start_step)
     if latest is not None:
         writer.info(f"resumed from {latest} at step {start_step}")
