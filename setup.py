@@ -22,6 +22,10 @@ setup(
         "tqdm",
         "triton; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        # Hugging Face export/import (tools/convert_to_hf.py, megatron_emo.convert).
+        "hf": ["transformers>=5", "safetensors"],
+        "test": ["pytest", "transformers>=5", "safetensors"],
+    },
     entry_points={"console_scripts": ["emo-train=megatron_emo.train:main"]},
 )

@@ -1,4 +1,8 @@
-"""Shared test helpers: a small CPU EmoConfig and a seeded torch RNG for every test."""
+"""Shared test helpers: a small CPU EmoConfig, a seeded torch RNG for every test, and
+megatron-core on the CPU (``megatron_cpu``: model, conversion and dataset tests)."""
+
+import os
+import tempfile
 
 import pytest
 import torch
@@ -41,3 +45,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def megatron_cpu():
+    """Enter megatron_emo's CPU mode with TP = PP = 1 in a one-process gloo world; torn down after
+    the test (megatron-core's models and its BlendedDataset need torch.distributed)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_emo.training.cpu_mode import cuda_on_cpu
+
+    with tempfile.TemporaryDirectory() as tmp, cuda_on_cpu():
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rdzv')}", rank=0, world_size=1)
+        try:
+            parallel_state.initialize_model_parallel(1, 1)
+            tensor_parallel.model_parallel_cuda_manual_seed(0)
+            torch.manual_seed(0)
+            yield
+        finally:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()

@@ -44,10 +44,11 @@ transformers 4.x and 5.x both load (5.x fuses them in memory); :func:`from_hf_st
 accepts 5.x's fused in-memory keys. The mapping is the table :data:`RULES`.
 """
 
+import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -360,6 +361,7 @@ def to_hf_config(
         pad_token_id=pad_token_id,
     )
     hf_config.architectures = ["Qwen2MoeForCausalLM"]
+    hf_config.rope_theta = float(gpt.rotary_base)  # the key transformers 4.x reads (5.x: rope_parameters)
     hf_config.dtype = dtype
     hf_config.emo_metadata = emo_metadata(config)
     return hf_config
@@ -548,7 +550,7 @@ def _layer_to_hf(tensors, layer, rules, layer_names, d, dtype):
 
 
 def _one_layer(d: Dims) -> Dims:
-    return Dims(**{**d.__dict__, "num_layers": 1})
+    return dataclasses.replace(d, num_layers=1)
 
 
 def to_hf_state_dict(
@@ -659,6 +661,12 @@ def parse_size(size) -> int:
     return int(text)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_hf_weights(
     output_dir: os.PathLike,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -694,6 +702,7 @@ def write_hf_weights(
             weight_map[name] = file_name
             total += tensor.numel() * element
         save_file(batch, str(output_dir / file_name), metadata={"format": "pt"})
+        os.chmod(output_dir / file_name, 0o666 & ~_umask())  # safetensors writes 0600
     if next(stream, None) is not None:
         raise ConversionError("internal: more tensors than planned")
     if len(shards) > 1:

@@ -34,8 +34,9 @@ VARIANTS = {
 
 def _config(**kwargs):
     # Weights with std 0.1 (not 0.02) so that every tensor visibly moves the logits.
-    return make_config(hidden_size=32, num_attention_heads=4, init_method_std=0.1, emo_eval_pool=None,
-                       emo_eos_token_id=EOS, emo_vocab_size=VOCAB, **kwargs)
+    fields = dict(hidden_size=32, num_attention_heads=4, init_method_std=0.1, emo_eval_pool=None,
+                  emo_eos_token_id=EOS, emo_vocab_size=VOCAB)
+    return make_config(**{**fields, **kwargs})
 
 
 def _model(variant):
@@ -92,6 +93,20 @@ def test_same_greedy_generation(megatron_cpu, tmp_path):
         ours = our_greedy(model, prompt, 8, EOS)
         assert hf_greedy(hf, prompt, 8) == ours
         assert len(ours) == 8 or ours[-1] == EOS
+
+
+def test_padded_vocabulary_rows_are_never_generated(megatron_cpu, tmp_path):
+    # A tokenizer of 40 pieces padded to 64 rows: generation_config.json suppresses ids 40..63.
+    model, config, gpt = _model("emo")
+    with torch.no_grad():  # make the padded rows win the argmax unless suppressed
+        model.output_layer.weight[40:] *= 10
+    q.save_hf_model(tmp_path, model.state_dict(), config, gpt, tokenizer_vocab_size=40)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["suppress_tokens"] == list(range(40, 64))
+    hf = _load_stock(tmp_path)
+    prompt = [5, 17, 33]
+    assert max(our_greedy(model, prompt, 8, EOS)) >= 40
+    ours = our_greedy(model, prompt, 8, EOS, suppress=tuple(range(40, 64)))
+    assert hf_greedy(hf, prompt, 8) == ours and max(ours) < 40
 
 
 def test_parity_needs_the_pool_off(megatron_cpu, tmp_path):
@@ -171,6 +186,21 @@ def test_megatron_hf_megatron_round_trip_is_exact(megatron_cpu, variant):
         assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
 
 
+def test_bf16_model_round_trips_with_an_fp32_router(megatron_cpu):
+    # A GPU run keeps bf16 parameters and an fp32 router: the export is bf16 throughout (the
+    # router is rounded once); importing gives bf16 weights and the router back in fp32.
+    model, config, gpt = _model("emo")
+    state = {k: (v if k.endswith("router.weight") else v.bfloat16()) for k, v in model.state_dict().items()
+             if not k.endswith("._extra_state")}
+    hf = q.to_hf_state_dict(state, config, gpt)
+    assert {t.dtype for t in hf.values()} == {torch.bfloat16}
+    bf16_config = _config(params_dtype=torch.bfloat16, bf16=True)
+    back = q.from_hf_state_dict(hf, bf16_config, gpt)
+    for name, tensor in state.items():
+        expected = tensor.bfloat16().float() if name.endswith("router.weight") else tensor
+        assert back[name].dtype == expected.dtype and torch.equal(back[name], expected), name
+
+
 def test_mapping_layouts(megatron_cpu):
     # The individual layout decisions, checked on labelled rows rather than through the logits.
     model, config, gpt = _model("2shared_gqa_tied")  # 4 heads, 2 query groups, head_dim 8
@@ -243,9 +273,10 @@ def test_refuses_a_live_shared_expert_gate():
     ],
 )
 def test_refuses_qwen2_moe_configs_we_cannot_express(overrides, message):
-    config = Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
-                            moe_intermediate_size=8, shared_expert_intermediate_size=8, num_experts=4,
-                            num_experts_per_tok=2, eos_token_id=EOS, **{"norm_topk_prob": False, **overrides})
+    fields = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+                  moe_intermediate_size=8, shared_expert_intermediate_size=8, num_experts=4,
+                  num_experts_per_tok=2, eos_token_id=EOS, norm_topk_prob=False)
+    config = Qwen2MoeConfig(**{**fields, **overrides})
     with pytest.raises(q.ConversionError, match=message):
         q.from_hf_config(config)
 

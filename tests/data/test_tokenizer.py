@@ -30,3 +30,63 @@ def test_missing_model_file(tmp_path):
 @pytest.mark.parametrize("vocab, multiple, tp, expected", [(2048, 64, 1, 2048), (2049, 64, 1, 2112), (100278, 128, 1, 100352), (100, 64, 2, 128)])
 def test_padded_vocab_size(vocab, multiple, tp, expected):
     assert padded_vocab_size(vocab, multiple, tp) == expected
+
+
+# --- the tokenizer trained on the demo corpus ---------------------------------------------------
+
+
+def test_lossless_on_every_demo_document(demo_tokenizer, demo_docs):
+    for domain, documents in demo_docs.items():
+        for i, doc in enumerate(documents):
+            ids = demo_tokenizer.encode(doc)
+            assert demo_tokenizer.eos_id not in ids, (domain, i)  # EOS only between documents
+            assert demo_tokenizer.decode(ids) == doc, (domain, i)
+    # the code domain exercises indentation and runs of spaces, the prose and docs unicode
+    assert any("\n        " in doc for doc in demo_docs["code"])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "def f(x):\n    if x:\n\treturn  x   # two, then three spaces\n",
+        "  leading spaces and trailing spaces  ",
+        " one leading space",
+        "\n\nblank lines first\n\n\n",
+        "ünïcödé — Natsume Sōseki 夏目漱石 🎉 e\u0301 \u00a0nbsp",
+        "\r\n\x00\x7f control characters",
+        "0123456789 digits 3.14159e-10",
+    ],
+)
+def test_lossless_on_hard_text(demo_tokenizer, text):
+    assert demo_tokenizer.decode(demo_tokenizer.encode(text)) == text
+
+
+@pytest.mark.xfail(strict=True, reason="SentencePiece maps U+2581 '▁' (its space meta-symbol) to a space on decode")
+def test_lossless_on_the_sentencepiece_space_symbol(demo_tokenizer):
+    text = "sparkline ▁▂▃"
+    assert demo_tokenizer.decode(demo_tokenizer.encode(text)) == text
+
+
+def test_megatron_attributes(demo_tokenizer, demo_data, tmp_path):
+    tokenizer = demo_tokenizer
+    assert tokenizer.vocab_size == demo_data["vocab_size"] == 2048
+    assert tokenizer.eod == tokenizer.eos_id == demo_data["eos_id"] == 3
+    assert tokenizer.pad == tokenizer.pad_id == 0
+    ids = tokenizer.unique_identifiers
+    assert ids == Tokenizer(tokenizer.model_file).unique_identifiers  # a content hash, not the path
+    import json
+    import shutil
+
+    json.dumps(ids)  # megatron-core writes it into its cache description
+    copy = shutil.copy(tokenizer.model_file, tmp_path / "copy.model")
+    assert Tokenizer(copy).unique_identifiers == ids
+    other = train_tokenizer(python_docs()[:100], tmp_path / "other.model", vocab_size=400)
+    assert other.unique_identifiers != ids
+
+
+def test_check_eos(demo_tokenizer):
+    demo_tokenizer.check_eos(3)
+    with pytest.raises(ValueError) as error:
+        demo_tokenizer.check_eos(2)
+    message = str(error.value)
+    assert "emo_eos_token_id=2" in message and "EOS id 3" in message

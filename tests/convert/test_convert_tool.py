@@ -1,0 +1,147 @@
+"""tools/convert_to_hf.py on a checkpoint of a real (3-step) tiny training run."""
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from megatron_emo.convert.megatron_checkpoint import find_tokenizer, load_checkpoint_for_export  # noqa: E402
+from megatron_emo.data.tokenizer import Tokenizer  # noqa: E402
+from megatron_emo.model.gpt import build_gpt_model  # noqa: E402
+from tests.convert.common import hf_greedy, our_greedy, our_logits  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools" / "convert_to_hf.py"
+PROMPT = "def read_file(path):\n    "
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("convert_to_hf", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    cmd = [sys.executable, "-m", "megatron_emo.train", "--recipe", "tiny",
+           "--set", "train.steps=3", "--set", "optim.warmup_steps=1",
+           "--set", f"train.output_dir={str(root / 'run')!r}", "--set", f"data.cache_dir={str(root / 'cache')!r}",
+           # Shorter than the recipe: 64-token rows, no validation or TensorBoard.
+           "--set", "data.seq_length=64", "--set", "train.eval_interval=0", "--set", "train.tensorboard=False"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir):
+    """The run's checkpoints folder → HF folder (sharded), then --generate, in a subprocess."""
+    output = run_dir.parent / "hf"
+    cmd = [sys.executable, str(TOOL), "--checkpoint", str(run_dir / "checkpoints"), "--output", str(output),
+           "--max-shard-size", "3MB", "--generate", PROMPT, "--max-new-tokens", "8"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output, result.stdout
+
+
+def test_export_writes_a_stock_transformers_folder(exported):
+    output, stdout = exported
+    names = {p.name for p in output.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+            "tokenizer_config.json", "tokenizer.model"} <= names
+    assert len([n for n in names if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", n)]) > 1
+    assert "step 3" in stdout and "greedy continuation (8 tokens" in stdout
+    assert not list(output.parent.glob(".tmp-*"))
+
+
+def test_generation_and_logits_match_our_model(exported, run_dir, megatron_cpu):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output, stdout = exported
+    checkpoint = load_checkpoint_for_export(run_dir / "checkpoints")
+    tokenizer = Tokenizer(find_tokenizer(checkpoint.run, checkpoint.path))
+    config = checkpoint.emo_config(eos_token_id=tokenizer.eos_id, emo_eval_pool=None)
+    gpt = checkpoint.gpt_settings()
+    model = build_gpt_model(config, max_sequence_length=gpt.max_position_embeddings, rotary_base=gpt.rotary_base,
+                            share_embeddings=gpt.share_embeddings).eval()
+    model.load_state_dict(checkpoint.state_dict)
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(output))
+    prompt_ids = tokenizer.encode(PROMPT)
+    assert hf_tokenizer(PROMPT)["input_ids"] == prompt_ids
+    hf = AutoModelForCausalLM.from_pretrained(str(output), dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Qwen2MoeForCausalLM"
+
+    texts = ("The old man said that he would come back tomorrow, but", "import os\nimport sys\n\n\ndef main")
+    tokens = torch.tensor([tokenizer.encode(text)[:12] for text in texts])
+    with torch.no_grad():
+        diff = (our_logits(model, tokens, tokenizer.eos_id) - hf(tokens).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+    ours = our_greedy(model, prompt_ids, 8, tokenizer.eos_id)
+    assert hf_greedy(hf, prompt_ids, 8) == ours
+    printed = re.search(r"token ids: (\[.*\])", stdout).group(1)
+    assert printed == str(ours)  # what the tool printed is our model's continuation
+
+
+def test_generate_only_on_an_existing_folder(exported, capsys):
+    output, _ = exported
+    assert _tool().main(["--output", str(output), "--generate", "Hello", "--max-new-tokens", "3"]) == 0
+    assert "greedy continuation (" in capsys.readouterr().out
+
+
+def test_missing_checkpoint_exits_2(tmp_path, capsys):
+    assert _tool().main(["--checkpoint", str(tmp_path / "nothing"), "--output", str(tmp_path / "hf")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert _tool().main(["--checkpoint", str(tmp_path / "empty"), "--output", str(tmp_path / "hf")]) == 2
+    assert "is not a checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_corrupt_checkpoint_exits_2(run_dir, tmp_path, capsys):
+    step = next((run_dir / "checkpoints").glob("step_*"))
+    copy = tmp_path / step.name
+    shutil.copytree(step, copy)
+    with open(copy / "state.pt", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    assert _tool().main(["--checkpoint", str(copy), "--output", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "state.pt" in err and "truncated" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_existing_output_needs_force(exported, run_dir, capsys):
+    output, _ = exported
+    assert _tool().main(["--checkpoint", str(run_dir), "--output", str(output)]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_export_reads_back_to_the_checkpoint(exported, run_dir):
+    from transformers import AutoConfig
+
+    from megatron_emo.convert import qwen2_moe as q
+
+    output, _ = exported
+    checkpoint = load_checkpoint_for_export(run_dir / "checkpoints")
+    imported = q.from_hf_config(AutoConfig.from_pretrained(str(output)))
+    assert imported.gpt == checkpoint.gpt_settings()
+    # The pool settings travel in emo_metadata, so the config comes back whole.
+    config = imported.emo_config()
+    original = checkpoint.emo_config(eos_token_id=imported.eos_token_id)
+    for name in ("num_layers", "hidden_size", "num_moe_experts", "moe_router_topk", "emo_num_shared_experts",
+                 "emo_pool_min", "emo_pool_max", "emo_eval_pool", "emo_router_mode", "layernorm_epsilon",
+                 "emo_vocab_size", "emo_eos_token_id"):
+        assert getattr(config, name) == getattr(original, name), name
+    tensors = q.from_hf_state_dict(q.read_hf_weights(output), config, imported.gpt)
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, checkpoint.state_dict[name]), name
