@@ -38,13 +38,23 @@ def seed_torch():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need CUDA: skip them, visibly, where there is none."""
+    """Tests marked ``gpu`` need CUDA, tests marked ``triton_interpret`` CUDA or Triton's CPU
+    interpreter: skip them, visibly, where there is neither."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    # Triton reads TRITON_INTERPRET when a kernel is defined, so it must be set for the whole
+    # pytest process, not by a fixture.
+    skip_interpret = pytest.mark.skip(
+        reason="Triton kernel test: needs a CUDA GPU, or TRITON_INTERPRET=1 in the environment "
+        "of its own pytest process (TRITON_INTERPRET=1 pytest -m triton_interpret)"
+    )
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+        elif "triton_interpret" in item.keywords and not interpreting:
+            item.add_marker(skip_interpret)
 
 
 @pytest.fixture
