@@ -4,24 +4,25 @@ Legend: T tokens, E routed experts, E_PAD the next power of two (padded lanes ar
 N segments, NP = len(pool_sizes) >= N, NB token blocks of BLOCK_T tokens, W bitmask words per
 segment (E_PAD / WORD_BITS).
 
-Forward, no host synchronisation, no loop over segments on the host:
-    segment_ids [T] --torch cumsum--> seg [T], dense and non-decreasing (0 .. N-1)
-    1. _route_segment_sums_kernel, grid (NB,): softmax of every token; each block sums it over
-       each of its "pieces" (the run of one segment inside the block) into pieces[seg + block],
-       and records every segment's first and last token.
-    2. _route_pool_kernel, grid (min(NP, T),): one program per segment adds its pieces in block
-       order (a deterministic reduction, however many blocks the segment spans), ranks the
-       experts by that sum (ties to the lower index) and writes the top-P as a bitmask [NP, W].
-    3. _route_forward_kernel, grid (NB,): one pass over the tokens: pool-masked softmax,
+Forward, two Triton launches, no host synchronisation, no loop over segments on the host:
+    segment_ids [T] --torch ne, cumsum--> starts [T-1] (segment starts after token 0 up to t);
+    the dense segment index of token t is starts[t-1] (0 for t = 0), computed where needed.
+    1. _route_pool_kernel, grid (NB,): softmax of every token; each block sums it over each of
+       its "pieces" (the run of one segment inside the block) into pieces[seg + block]. An
+       atomic ticket per segment tells the block that adds a segment's last piece; that block
+       adds the segment's pieces in block order (deterministic, however many blocks the segment
+       spans), ranks the experts by the sum (ties to the lower index) and stores the top-P as a
+       bitmask in the segment's meta row [ticket, first token, last token, W words].
+    2. _route_forward_kernel, grid (NB,): one pass over the tokens: pool-masked softmax,
        logsumexp, top-K by repeated argmax; writes probs [T, E], weights/indices [T, K], lse [T].
-    Without a pool only kernel 3 runs.
+    Without a pool only kernel 2 runs.
 Backward, one launch, the pool held fixed (as the method does not differentiate its choice):
-    4. _route_backward_kernel, grid (NB,): g = grad_probs + scatter(grad_weights at indices);
+    3. _route_backward_kernel, grid (NB,): g = grad_probs + scatter(grad_weights at indices);
        grad_logits = probs * (g - sum(probs * g) + grad_lse), zero outside the pool.
 
 Arithmetic is fp32 for fp32/bf16/fp16 logits and fp64 for fp64 ones (gradient checks), as in
-the reference. No atomics: every output is written by exactly one program, so results are
-bitwise deterministic.
+the reference. Every output is written by exactly one program and every sum has a fixed order
+(the tickets only decide who computes a pool, not how), so results are bitwise deterministic.
 """
 
 from typing import Callable, Optional
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_emo.routing.reference import at_least_fp32, segment_positions
+from megatron_emo.routing.reference import at_least_fp32
 
 MAX_EXPERTS = 256
 """Beyond this the pool kernel's E_PAD x E_PAD rank comparison no longer fits in registers."""
@@ -50,12 +51,21 @@ def _bitwise_or(a, b):
 
 
 @triton.jit
-def _route_segment_sums_kernel(
+def _ordinal(starts_ptr, offs_t, num_tokens):
+    """Dense segment index of tokens ``offs_t``: the number of segment starts after token 0
+    up to t (``starts_ptr[t - 1]``); -1 outside ``[0, T)``."""
+    inside = (offs_t >= 0) & (offs_t < num_tokens)
+    before = tl.load(starts_ptr + offs_t - 1, mask=inside & (offs_t > 0), other=0)
+    return tl.where(inside, before, -1)
+
+
+@triton.jit
+def _route_pool_kernel(
     logits_ptr,
-    seg_ptr,
+    starts_ptr,
+    pool_sizes_ptr,
     pieces_ptr,
-    first_ptr,
-    last_ptr,
+    meta_ptr,
     num_tokens,
     num_experts,
     num_pools,
@@ -63,6 +73,8 @@ def _route_segment_sums_kernel(
     stride_logits_e,
     BLOCK_T: tl.constexpr,
     E_PAD: tl.constexpr,
+    WORD_BITS: tl.constexpr,
+    META_COLS: tl.constexpr,
 ):
     block = tl.program_id(0)
     offs_t = block * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -82,73 +94,64 @@ def _route_segment_sums_kernel(
     probs = ex / tl.sum(ex, axis=1)[:, None]
 
     # Padded rows get segment -1, which no piece below selects.
-    seg = tl.load(seg_ptr + offs_t, mask=row_ok, other=-1)
-    prev = tl.load(seg_ptr + offs_t - 1, mask=row_ok & (offs_t > 0), other=-1)
-    succ = tl.load(seg_ptr + offs_t + 1, mask=offs_t + 1 < num_tokens, other=-1)
-    # The pool kernel finds a segment's blocks from its first and last token. Segments past
+    seg = _ordinal(starts_ptr, offs_t, num_tokens)
+    is_first = row_ok & (seg != _ordinal(starts_ptr, offs_t - 1, num_tokens))
+    is_last = row_ok & (seg != _ordinal(starts_ptr, offs_t + 1, num_tokens))
+    # meta row of a segment: [ticket, first token, last token, bitmask words...]. Segments past
     # num_pools violate the caller's contract; they are only kept from writing out of bounds.
     in_range = row_ok & (seg < num_pools)
-    tl.store(first_ptr + seg, offs_t, mask=in_range & (seg != prev))
-    tl.store(last_ptr + seg, offs_t, mask=in_range & (seg != succ))
+    tl.store(meta_ptr + seg * META_COLS + 1, offs_t, mask=in_range & is_first)
+    tl.store(meta_ptr + seg * META_COLS + 2, offs_t, mask=in_range & is_last)
 
     # Segments are contiguous, so this block holds segments seg_lo .. seg_hi, each as one piece.
     # Piece (s, block) goes to row s + block: unique, since a later segment never sits in an
-    # earlier block, and a segment's pieces are consecutive rows for the pool kernel to add.
-    seg_lo = tl.load(seg_ptr + block * BLOCK_T)
+    # earlier block, and a segment's pieces are consecutive rows.
+    seg_lo = tl.min(tl.where(row_ok, seg, num_tokens), axis=0)
     seg_hi = tl.max(seg, axis=0)
     for s in range(seg_lo, seg_hi + 1):
-        piece = tl.sum(tl.where((seg == s)[:, None], probs, 0.0), axis=0)
+        in_s = seg == s
+        piece = tl.sum(tl.where(in_s[:, None], probs, 0.0), axis=0)
         tl.store(pieces_ptr + (s + block).to(tl.int64) * E_PAD + offs_e, piece)
-
-
-@triton.jit
-def _route_pool_kernel(
-    pieces_ptr,
-    first_ptr,
-    last_ptr,
-    seg_ptr,
-    pool_sizes_ptr,
-    bits_ptr,
-    num_tokens,
-    num_experts,
-    BLOCK_T: tl.constexpr,
-    E_PAD: tl.constexpr,
-    WORD_BITS: tl.constexpr,
-):
-    s = tl.program_id(0)
-    # The segment count lives on the device (the last token's segment + 1): programs past it,
-    # which exist because only an upper bound is known on the host, do nothing.
-    num_segments = tl.load(seg_ptr + num_tokens - 1) + 1
-    if s < num_segments:
-        offs_e = tl.arange(0, E_PAD)
-        block_lo = tl.load(first_ptr + s) // BLOCK_T
-        block_hi = tl.load(last_ptr + s) // BLOCK_T
-        sums = tl.zeros([E_PAD], dtype=pieces_ptr.dtype.element_ty)
-        # Block order, whatever the segment's length: the same sum on every run.
-        for block in range(block_lo, block_hi + 1):
-            sums += tl.load(pieces_ptr + (s + block).to(tl.int64) * E_PAD + offs_e)
-        # Sums are >= 0, so -1 ranks padded lanes after every real expert.
-        col_ok = offs_e < num_experts
-        sums = tl.where(col_ok, sums, -1.0)
-        # rank[e] = number of experts ahead of e: a larger sum, or an equal sum at a lower
-        # index. This is the reference's stable descending sort, tie rule included.
-        ahead = (sums[:, None] > sums[None, :]) | (
-            (sums[:, None] == sums[None, :]) & (offs_e[:, None] > offs_e[None, :])
-        )
-        rank = tl.sum(ahead.to(tl.int32), axis=0)
-        pool = tl.load(pool_sizes_ptr + s)
-        bits = ((rank < pool) & col_ok).to(tl.int32) << (offs_e % WORD_BITS)
-        # OR rather than sum: the word's top bit makes it negative.
-        words = tl.reduce(tl.reshape(bits, [E_PAD // WORD_BITS, WORD_BITS]), 1, _bitwise_or)
-        offs_w = tl.arange(0, E_PAD // WORD_BITS)
-        tl.store(bits_ptr + s * (E_PAD // WORD_BITS) + offs_w, words)
+        # The last block to add its piece picks the pool, with no second launch. Every block
+        # adds -(its tokens of s), the block holding s's first token also -first, the one
+        # holding its last token last + 1, to a ticket zeroed on the host. The total is
+        # -L + (last + 1 - first) = 0 once all L tokens are in, and never before: without
+        # the last token the sum is < 0; with it, missing tokens leave it > 0.
+        ticket = -tl.sum(in_s.to(tl.int32), axis=0)
+        ticket -= tl.sum(tl.where(in_s & is_first, offs_t, 0), axis=0)
+        ticket += tl.sum(tl.where(in_s & is_last, offs_t + 1, 0), axis=0)
+        # All threads' piece stores before the release (acq_rel atomics are the default).
+        tl.debug_barrier()
+        before = tl.atomic_add(meta_ptr + s * META_COLS, ticket, mask=s < num_pools)
+        if (s < num_pools) & (before + ticket == 0):
+            # .cg: read L2, where the other blocks' pieces are, never a stale L1 line.
+            block_lo = tl.load(meta_ptr + s * META_COLS + 1, cache_modifier=".cg") // BLOCK_T
+            block_hi = tl.load(meta_ptr + s * META_COLS + 2, cache_modifier=".cg") // BLOCK_T
+            sums = tl.zeros([E_PAD], dtype=pieces_ptr.dtype.element_ty)
+            # Block order, whoever finishes last: the same sum on every run.
+            for b in range(block_lo, block_hi + 1):
+                sums += tl.load(pieces_ptr + (s + b) * E_PAD + offs_e, cache_modifier=".cg")
+            # Sums are >= 0, so -1 ranks padded lanes after every real expert.
+            sums = tl.where(col_ok, sums, -1.0)
+            # rank[e] = number of experts ahead of e: a larger sum, or an equal sum at a lower
+            # index. This is the reference's stable descending sort, tie rule included.
+            ahead = (sums[:, None] > sums[None, :]) | (
+                (sums[:, None] == sums[None, :]) & (offs_e[:, None] < offs_e[None, :])
+            )
+            rank = tl.sum(ahead.to(tl.int32), axis=0)
+            pool = tl.load(pool_sizes_ptr + s)
+            bits = ((rank < pool) & col_ok).to(tl.int32) << (offs_e % WORD_BITS)
+            # OR rather than sum: the word's top bit makes it negative.
+            words = tl.reduce(tl.reshape(bits, [E_PAD // WORD_BITS, WORD_BITS]), 1, _bitwise_or)
+            offs_w = tl.arange(0, E_PAD // WORD_BITS)
+            tl.store(meta_ptr + s * META_COLS + 3 + offs_w, words)
 
 
 @triton.jit
 def _route_forward_kernel(
     logits_ptr,
-    seg_ptr,
-    bits_ptr,
+    starts_ptr,
+    meta_ptr,
     weights_ptr,
     indices_ptr,
     probs_ptr,
@@ -164,6 +167,7 @@ def _route_forward_kernel(
     E_PAD: tl.constexpr,
     K_PAD: tl.constexpr,
     WORD_BITS: tl.constexpr,
+    META_COLS: tl.constexpr,
 ):
     block = tl.program_id(0)
     offs_t = block * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -178,9 +182,9 @@ def _route_forward_kernel(
     ).to(probs_ptr.dtype.element_ty)
     keep = col_ok[None, :]
     if HAS_POOL:
-        seg = tl.load(seg_ptr + offs_t, mask=row_ok, other=0)
+        seg = _ordinal(starts_ptr, offs_t, num_tokens)
         word = tl.load(
-            bits_ptr + seg[:, None] * (E_PAD // WORD_BITS) + offs_e[None, :] // WORD_BITS,
+            meta_ptr + seg[:, None] * META_COLS + 3 + offs_e[None, :] // WORD_BITS,
             mask=(row_ok & (seg < num_pools))[:, None],
             other=0,
         )
@@ -271,7 +275,7 @@ def _geometry(num_experts: int) -> tuple[int, int]:
 
 def route_forward(
     logits: torch.Tensor,
-    seg: Optional[torch.Tensor],
+    segment_ids: Optional[torch.Tensor],
     pool_sizes: Optional[torch.Tensor],
     topk: int,
     *,
@@ -281,8 +285,7 @@ def route_forward(
 
     Args:
         logits: float ``[T, E]``, any strides; fp32, bf16, fp16 or fp64.
-        seg: int ``[T]`` dense non-decreasing segment index (0 .. N-1), contiguous; None with no
-            pool.
+        segment_ids: int ``[T]``, contiguous segments; unused with no pool.
         pool_sizes: int ``[NP >= N]`` contiguous, pool of segment i at entry i; None: no pool.
         topk: K.
         alloc: allocates every output and workspace, ``alloc(shape, dtype=, device=)``; tests pass
@@ -296,6 +299,7 @@ def route_forward(
     device, out_dtype = logits.device, at_least_fp32(logits).dtype
     e_pad, block_t = _geometry(num_experts)
     word_bits = min(32, e_pad)
+    meta_cols = 3 + e_pad // word_bits
     weights = alloc((num_tokens, topk), dtype=out_dtype, device=device)
     indices = alloc((num_tokens, topk), dtype=torch.int64, device=device)
     probs = alloc((num_tokens, num_experts), dtype=out_dtype, device=device)
@@ -305,33 +309,28 @@ def route_forward(
     num_blocks = triton.cdiv(num_tokens, block_t)
     grid = (num_blocks,)
     if pool_sizes is None:
-        bits, num_pools = seg, 0  # unused: HAS_POOL=False compiles them out
+        starts = meta = None  # HAS_POOL=False compiles their uses out
+        num_pools = 0
     else:
         num_pools = pool_sizes.shape[0]
+        # Segment starts after token 0 up to each token: two launches, no host sync.
+        starts = torch.ne(segment_ids[1:], segment_ids[:-1]).cumsum(0, dtype=torch.int32)
         # seg + block < T + NB, whatever N is: no write can fall outside.
         pieces = alloc((num_tokens + num_blocks, e_pad), dtype=out_dtype, device=device)
-        first = alloc((num_pools,), dtype=torch.int32, device=device)
-        last = alloc((num_pools,), dtype=torch.int32, device=device)
-        bits = alloc((num_pools, e_pad // word_bits), dtype=torch.int32, device=device)
-        _route_segment_sums_kernel[grid](
-            logits, seg, pieces, first, last,
+        # Zeroed, not poisoned: the tickets count up from 0. Every other entry read is written.
+        meta = torch.zeros((num_pools, meta_cols), dtype=torch.int32, device=device)
+        _route_pool_kernel[grid](
+            logits, starts, pool_sizes, pieces, meta,
             num_tokens, num_experts, num_pools,
             logits.stride(0), logits.stride(1),
-            BLOCK_T=block_t, E_PAD=e_pad,
-        )  # fmt: skip
-        # N <= T, so programs past T could only find nothing to do.
-        _route_pool_kernel[(min(num_pools, num_tokens),)](
-            pieces, first, last, seg, pool_sizes, bits,
-            num_tokens, num_experts,
-            BLOCK_T=block_t, E_PAD=e_pad, WORD_BITS=word_bits,
-            num_warps=8 if e_pad > 128 else 4,
+            BLOCK_T=block_t, E_PAD=e_pad, WORD_BITS=word_bits, META_COLS=meta_cols,
         )  # fmt: skip
     _route_forward_kernel[grid](
-        logits, seg, bits, weights, indices, probs, lse,
+        logits, starts, meta, weights, indices, probs, lse,
         num_tokens, num_experts, num_pools,
         logits.stride(0), logits.stride(1),
         TOPK=topk, HAS_POOL=pool_sizes is not None, BLOCK_T=block_t, E_PAD=e_pad,
-        K_PAD=triton.next_power_of_2(topk), WORD_BITS=word_bits,
+        K_PAD=triton.next_power_of_2(topk), WORD_BITS=word_bits, META_COLS=meta_cols,
     )  # fmt: skip
     return weights, indices, probs, lse
 
@@ -379,11 +378,11 @@ def route_backward(
 
 
 class RouteFunction(torch.autograd.Function):
-    """``(logits, seg, pool_sizes, topk) -> (weights, indices, probs, lse)`` with a fused backward."""
+    """``(logits, segment_ids, pool_sizes, topk) -> (weights, indices, probs, lse)``, fused backward."""
 
     @staticmethod
-    def forward(ctx, logits, seg, pool_sizes, topk):
-        weights, indices, probs, lse = route_forward(logits, seg, pool_sizes, topk)
+    def forward(ctx, logits, segment_ids, pool_sizes, topk):
+        weights, indices, probs, lse = route_forward(logits, segment_ids, pool_sizes, topk)
         ctx.save_for_backward(probs, indices)
         ctx.logits_dtype = logits.dtype
         ctx.mark_non_differentiable(indices)
@@ -444,9 +443,7 @@ def route(
         As the reference: ``(weights, indices, probs[, logsumexp])``.
     """
     _check_inputs(logits, segment_ids, pool_sizes, topk)
-    seg = pool = None
     if pool_sizes is not None:
-        seg = segment_positions(segment_ids)
-        pool = pool_sizes.contiguous()
-    weights, indices, probs, lse = RouteFunction.apply(logits, seg, pool, topk)
+        pool_sizes = pool_sizes.contiguous()
+    weights, indices, probs, lse = RouteFunction.apply(logits, segment_ids, pool_sizes, topk)
     return (weights, indices, probs, lse) if return_logsumexp else (weights, indices, probs)

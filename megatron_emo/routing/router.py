@@ -8,6 +8,8 @@ A clean module rather than a megatron-core ``Router`` subclass: in megatron-core
 ``TopKRouter`` renormalises and computes its losses on unmasked scores, none of which EMO wants.
 The losses reach backward through megatron-core's ``MoEAuxLossAutoScaler``, whose scale
 megatron-core's pipeline schedules set per micro-batch.
+``route`` is :func:`megatron_emo.kernels.routing.route`: the fused Triton kernels on CUDA, the
+PyTorch reference on CPU (it logs which).
 """
 
 from typing import Optional
@@ -18,10 +20,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_emo.config import EmoConfig
+from megatron_emo.kernels.routing import route
 from megatron_emo.routing import documents
 from megatron_emo.routing.balance import load_balancing_loss, z_loss
 from megatron_emo.routing.metrics import RoutingMetrics
-from megatron_emo.routing.reference import at_least_fp32, route
+from megatron_emo.routing.reference import at_least_fp32
 
 
 class DocumentPooledRouter(MegatronModule):

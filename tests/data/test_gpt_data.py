@@ -54,12 +54,12 @@ def check_packed(text: list[int], eos: int) -> int:
     bounds = [-1, *positions, len(text)]
     for j, (start, end) in enumerate(zip(bounds, bounds[1:])):
         chunk = text[start + 1 : end]
+        is_first, is_last = j == 0, j == len(bounds) - 2
         if not chunk:
-            assert 0 < j < len(bounds) - 2 or start + 1 == len(text) or end == 0, (text, j)  # only at the edges
+            assert is_first or is_last, (text, j)  # two EOS in a row: an empty document
             continue
         assert len(set(chunk)) == 1, (text, j)  # one document, no EOS missing in between
         _, k = owner(chunk[0])
-        is_first, is_last = j == 0, j == len(bounds) - 2
         if is_first or is_last:
             assert len(chunk) <= length(k), (text, j)  # a suffix / a prefix of document k
         else:

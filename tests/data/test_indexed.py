@@ -16,9 +16,9 @@ EOS = 3
 DOCUMENTS = [[5, 6, 7], [8], [9, 10, 11, 12], [1999, 4]]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def collect_garbage():
-    """Collect each test's garbage when it ends: a megatron-core IndexedDataset that failed to open
+    """Collect the test's garbage when it ends: a megatron-core IndexedDataset that failed to open
     stays in a reference cycle with the error's traceback, and its ``__del__`` raises
     AttributeError when the collector gets to it. Left to a random later moment, that can be
     inside pytest's ast.parse of a traceback, which CPython 3.11.7 turns into an INTERNALERROR
@@ -160,6 +160,7 @@ def test_idx_of_another_dataset_of_the_same_size(tmp_path):
         check_dataset(tmp_path / "data", vocab_size=2048, eos_id=EOS)
 
 
+@pytest.mark.usefixtures("collect_garbage")
 @pytest.mark.parametrize("content", [b"", b"not a megatron index\n" * 20, b"MMIDIDX\x00\x00" + b"\xff" * 100])
 def test_garbage_idx(tmp_path, content):
     write(tmp_path / "data")
@@ -169,6 +170,7 @@ def test_garbage_idx(tmp_path, content):
     assert str(tmp_path / "data.idx") in str(error.value)
 
 
+@pytest.mark.usefixtures("collect_garbage")
 @pytest.mark.parametrize(
     "keep",
     [

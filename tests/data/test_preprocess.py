@@ -1,7 +1,6 @@
 """Text → Megatron indexed dataset (megatron_emo.data.preprocess): round trips, document
 boundaries, bad input lines, workers, atomic output."""
 
-import gc
 import json
 
 import numpy as np
@@ -18,13 +17,6 @@ BAD_LINES = {
     "type": (b'{"text": ["not", "a", "string"]}', "no string under key 'text'"),
     "array": (b'["a JSON array, not an object"]', "no string under key 'text'"),
 }
-
-
-@pytest.fixture(autouse=True)
-def collect_garbage():
-    """Release each test's megatron-core IndexedDatasets (memory maps) when it ends."""
-    yield
-    gc.collect()
 
 
 def jsonl(path, texts, key="text"):

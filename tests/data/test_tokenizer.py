@@ -1,3 +1,6 @@
+import json
+import shutil
+
 import pytest
 
 from megatron_emo.data.demo_corpus import docs_documents as python_docs
@@ -74,9 +77,6 @@ def test_megatron_attributes(demo_tokenizer, demo_data, tmp_path):
     assert tokenizer.pad == tokenizer.pad_id == 0
     ids = tokenizer.unique_identifiers
     assert ids == Tokenizer(tokenizer.model_file).unique_identifiers  # a content hash, not the path
-    import json
-    import shutil
-
     json.dumps(ids)  # megatron-core writes it into its cache description
     copy = shutil.copy(tokenizer.model_file, tmp_path / "copy.model")
     assert Tokenizer(copy).unique_identifiers == ids

@@ -56,3 +56,66 @@ def test_tiny_run_on_gpu_in_bf16(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"] - 0.5
     assert "torch._grouped_mm" in result.stderr
+
+
+# --- bad data fails fast through the command line ---------------------------------------------------
+
+
+def _data_overrides(prefix, tokenizer_model, cache_dir):
+    return (f"data.blend=[[1.0,{str(prefix)!r}]]", f"data.tokenizer_model={str(tokenizer_model)!r}",
+            f"data.cache_dir={str(cache_dir)!r}", "train.steps=2", "optim.warmup_steps=1", "train.eval_interval=0",
+            "train.log_interval=1", "train.tensorboard=False", "data.seq_length=64", "model.num_layers=1")
+
+
+@pytest.fixture(scope="module")
+def bad_data_runs(tmp_path_factory):
+    """Two CLI runs on bad data, started together (each spends seconds importing megatron-core):
+    a blend prefix that does not exist, and a dataset whose token ids exceed the vocabulary."""
+    from megatron_emo.data.demo_corpus import docs_documents
+    from megatron_emo.data.indexed import AtomicDatasetWriter
+    from megatron_emo.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("bad_data")
+    tokenizer = train_tokenizer(docs_documents()[:80], root / "tok.model", vocab_size=512)  # padded: 512
+    # made with another, larger tokenizer: ids up to 5000, the same EOS
+    with AtomicDatasetWriter(root / "big_vocab", tokenizer="big.model", vocab_size=8192, eos_id=tokenizer.eos_id) as w:
+        for k in range(50):
+            w.add_document([5000 - k, 17, 42, 100 + k])
+    cases = {"missing": root / "nowhere" / "data", "big_vocab": root / "big_vocab"}
+    procs = {}
+    for name, prefix in cases.items():
+        out = root / f"run_{name}"
+        cmd = [sys.executable, "-m", "megatron_emo.train", "--recipe", "tiny", "--set", f"train.output_dir={str(out)!r}",
+               *(a for o in _data_overrides(prefix, root / "tok.model", root / f"cache_{name}") for a in ("--set", o))]
+        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        results = {}
+        for name, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=600)
+            results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        yield root, results
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_missing_blend_prefix_exits_2_naming_the_file(bad_data_runs):
+    root, results = bad_data_runs
+    result = results["missing"]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: dataset {root / 'nowhere' / 'data'}: {root / 'nowhere' / 'data.idx'} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (root / "run_missing" / "metrics.jsonl").exists()  # nothing was trained
+
+
+def test_token_ids_beyond_the_vocabulary_exit_2(bad_data_runs):
+    root, results = bad_data_runs
+    result = results["big_vocab"]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: dataset" in result.stderr and str(root / "big_vocab") in result.stderr
+    assert "token id 5000 does not fit the model's vocabulary of 512" in result.stderr
+    assert "another tokenizer (big.model)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (root / "run_big_vocab" / "metrics.jsonl").exists()

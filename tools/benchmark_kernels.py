@@ -1,0 +1,243 @@
+"""Kernel benchmarks on one CUDA GPU. ``routing``: the document-pooled router, side by side.
+
+    python tools/benchmark_kernels.py routing --output benchmarks/results/DATE_h100_routing.json
+
+At the EMO shape (B=4, S=4096, ~31 documents per row, E=127 routed experts, top-7, fp32 logits,
+training pools uniform on 8..128 as EMO draws them), in one run:
+- ``triton``: megatron_emo.kernels.routing.route, the fused kernels;
+- ``reference``: the vectorised PyTorch reference (megatron_emo.routing.reference.route);
+- ``plain_topk``: softmax + top-k with no pool, what a standard MoE router costs;
+- ``per_document_loop``: a Python loop over rows and documents with host syncs, in the style of
+  the original EMO implementation (written here, not part of the package).
+Passes: ``fwd``; ``fwd+bwd``, the backward of sum(weights * g) for a fixed random g; and
+``fwd+bwd+losses``, which adds the Switch LB loss (on probs) and the z-loss (on logsumexp) as
+the router trains. Times are medians in ms: eager (triton.testing.do_bench, host launch overhead
+included) and, where a CUDA graph can capture the case, graph replay (do_bench_cudagraph: GPU
+time alone). Prints a table of ratios and writes one JSON record per
+(implementation, pass) to --output.
+"""
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+
+import torch
+
+EOS = 2
+
+
+def emo_batch(batch, seq, docs_per_row, num_experts, pool_min, pool_max, seed):
+    """Row-major fp32 logits [B*S, E], EOS-delimited documents, and one pool per document.
+
+    Returns:
+        dict with ``logits``, ``input_ids`` [B, S] (EOS at each document start after the
+        first), ``segment_ids`` [B*S], ``pool_sizes`` [B*S] (segment i's pool at entry i, the
+        tail unused, as the router passes them) and ``num_segments``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, 1000, (batch, seq), generator=gen)
+    for row in range(batch):
+        starts = torch.randperm(seq - 1, generator=gen)[: docs_per_row - 1] + 1
+        input_ids[row, starts] = EOS
+    starts = input_ids == EOS
+    starts[:, 0] = True  # every row starts a segment; a new one at each later EOS
+    segment_ids = starts.flatten().cumsum(0) - 1
+    num_segments = int(segment_ids[-1]) + 1
+    pool_sizes = torch.zeros(batch * seq, dtype=torch.int64)
+    pool_sizes[:num_segments] = torch.randint(pool_min, pool_max + 1, (num_segments,), generator=gen)
+    logits = torch.randn(batch * seq, num_experts, generator=gen) * 2
+    cuda = dict(device="cuda")
+    return dict(
+        logits=logits.to(**cuda),
+        input_ids=input_ids.to(**cuda),
+        segment_ids=segment_ids.to(**cuda),
+        pool_sizes=pool_sizes.to(**cuda),
+        num_segments=num_segments,
+    )
+
+
+def per_document_loop_route(logits, input_ids, pool_sizes, topk):
+    """The original implementation's shape: rows and documents in Python, boundaries and pool
+    sizes read to the host (.tolist()/.item()), one small masked softmax per document."""
+    batch, seq = input_ids.shape
+    logits = logits.view(batch, seq, -1)
+    weights, indices, probs, lse = [], [], [], []
+    segment = 0
+    for row in range(batch):
+        eos = (input_ids[row] == EOS).nonzero().flatten().tolist()
+        starts = [0] + [t for t in eos if t > 0]
+        for start, end in zip(starts, starts[1:] + [seq]):
+            doc = logits[row, start:end]
+            with torch.no_grad():
+                sums = torch.softmax(doc, dim=-1).sum(dim=0)
+                size = min(int(pool_sizes[segment].item()), sums.numel())
+                pool = torch.topk(sums, size, sorted=False).indices
+            mask = torch.full_like(sums, float("-inf")).index_fill_(0, pool, 0.0)
+            masked = doc + mask
+            doc_probs = torch.softmax(masked, dim=-1)
+            doc_weights, doc_indices = torch.topk(doc_probs, topk, dim=-1)
+            weights.append(doc_weights)
+            indices.append(doc_indices)
+            probs.append(doc_probs)
+            lse.append(torch.logsumexp(masked, dim=-1))
+            segment += 1
+    return torch.cat(weights), torch.cat(indices), torch.cat(probs), torch.cat(lse)
+
+
+def implementations(data, topk):
+    """name -> function(logits) returning (weights, indices, probs, lse)."""
+    from megatron_emo.kernels.routing import route
+    from megatron_emo.routing import reference
+
+    seg, pools = data["segment_ids"], data["pool_sizes"]
+
+    def plain_topk(logits):
+        probs = torch.softmax(logits, dim=-1)
+        weights, indices = torch.topk(probs, topk, dim=-1)
+        return weights, indices, probs, torch.logsumexp(logits, dim=-1)
+
+    return {
+        "triton": lambda x: route(x, seg, pools, topk, return_logsumexp=True),
+        "reference": lambda x: reference.route(x, seg, pools, topk, return_logsumexp=True),
+        "plain_topk": plain_topk,
+        "per_document_loop": lambda x: per_document_loop_route(x, data["input_ids"], pools, topk),
+    }
+
+
+def make_pass(fn, logits, pass_name, grad_weights):
+    """A closure running one pass of ``fn`` on a leaf copy of ``logits``."""
+    from megatron_emo.routing.balance import load_balancing_loss, z_loss
+
+    if pass_name == "fwd":
+        return lambda: fn(logits)
+
+    def step():
+        weights, indices, probs, lse = fn(logits)
+        loss = (weights * grad_weights).sum()
+        if pass_name == "fwd+bwd+losses":
+            # The router's weights (DESIGN §1): 0.1 LB and 1e-3 z, here for one layer.
+            loss = loss + 0.1 * load_balancing_loss(probs, indices)[0] + 1e-3 * z_loss(lse)
+        loss.backward()
+
+    return step
+
+
+def check_agreement(impls, logits):
+    """Max |weights - triton's| per implementation: the comparison must be of equals."""
+    with torch.no_grad():
+        base = impls["triton"](logits)[0]
+        return {name: float((fn(logits)[0] - base).abs().max()) for name, fn in impls.items() if name != "plain_topk"}
+
+
+def environment():
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    import triton
+
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain")) if commit else None
+    return dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        commit=commit,
+        dirty_worktree=dirty,
+        date=datetime.date.today().isoformat(),
+    )
+
+
+def time_pass(step, logits, graphable):
+    """(eager median ms, CUDA-graph median ms or None) of one pass.
+
+    Eager (do_bench) is what a Python training loop pays, launch overhead included; the graph
+    replay (do_bench_cudagraph, no L2 flush) is GPU time alone, what remains once the host runs
+    ahead of the GPU, as it does behind a model's large GEMMs.
+    """
+    import triton.testing
+
+    eager = triton.testing.do_bench(step, grad_to_none=[logits], return_mode="median")
+    if not graphable:
+        return eager, None
+    graph = triton.testing.do_bench_cudagraph(step, grad_to_none=[logits], return_mode="median")
+    return eager, graph
+
+
+def bench_routing(args):
+    shape = dict(
+        batch=args.batch, seq=args.seq, docs_per_row=args.docs_per_row,
+        num_experts=args.num_experts, topk=args.topk, logits_dtype="float32",
+        pool_min=args.pool_min, pool_max=args.pool_max,
+    )  # fmt: skip
+    data = emo_batch(args.batch, args.seq, args.docs_per_row, args.num_experts, args.pool_min, args.pool_max, seed=0)
+    shape["num_segments"] = data["num_segments"]
+    impls = implementations(data, args.topk)
+    logits = data["logits"].requires_grad_(True)
+    grad_weights = torch.randn(logits.shape[0], args.topk, device="cuda")
+    agreement = check_agreement(impls, logits)
+    env = environment()
+    records = []
+    for pass_name in ("fwd", "fwd+bwd", "fwd+bwd+losses"):
+        for name, fn in impls.items():
+            step = make_pass(fn, logits, pass_name, grad_weights)
+            # A CUDA graph cannot capture the loop's host reads, nor the CPU-to-GPU copy of
+            # the token count in load_balancing_loss: those cases are timed eagerly only.
+            graphable = name != "per_document_loop" and pass_name != "fwd+bwd+losses"
+            eager, graph = time_pass(step, logits, graphable)
+            records.append(
+                dict(benchmark="routing", impl=name, **{"pass": pass_name}, eager_ms=eager, graph_ms=graph, shape=shape, **env)
+            )
+    for record in records:
+        same = {r["impl"]: r for r in records if r["pass"] == record["pass"]}
+        plain, loop = same["plain_topk"], same["per_document_loop"]
+        record["eager_vs_plain_topk"] = record["eager_ms"] / plain["eager_ms"]
+        record["graph_vs_plain_topk"] = record["graph_ms"] / plain["graph_ms"] if record["graph_ms"] else None
+        record["loop_eager_over_this_eager"] = loop["eager_ms"] / record["eager_ms"]
+        record["max_abs_weight_diff_vs_triton"] = agreement.get(record["impl"])
+    return records
+
+
+def print_table(records):
+    def fmt(value, spec):
+        return format(value, spec) if value is not None else format("-", ">" + spec.split(".")[0])
+
+    print(f"{'pass':<16}{'impl':<19}{'eager ms':>9}{'x plain':>8}{'loop/this':>10}{'graph ms':>10}{'x plain':>8}")
+    for r in records:
+        print(
+            f"{r['pass']:<16}{r['impl']:<19}{r['eager_ms']:>9.3f}{r['eager_vs_plain_topk']:>8.2f}"
+            f"{r['loop_eager_over_this_eager']:>10.1f}{fmt(r['graph_ms'], '10.4f')}"
+            f"{fmt(r['graph_vs_plain_topk'], '8.2f')}"
+        )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kernel", choices=["routing"], help="which kernel to benchmark")
+    parser.add_argument("--output", required=True, help="JSON file to write (one record per case)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--docs-per-row", type=int, default=31)
+    parser.add_argument("--num-experts", type=int, default=127, help="routed experts")
+    parser.add_argument("--topk", type=int, default=7, help="routed top-k")
+    parser.add_argument("--pool-min", type=int, default=8)
+    parser.add_argument("--pool-max", type=int, default=128, help="EMO: 128 (>= E keeps every expert)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: benchmark_kernels.py times CUDA kernels and needs a GPU; none is visible "
+              "(torch.cuda.is_available() is False)", file=sys.stderr)  # fmt: skip
+        return 2
+    records = bench_routing(args)
+    print_table(records)
+    with open(args.output, "w") as f:
+        json.dump(records, f, indent=1)
+    print(f"wrote {len(records)} records to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
