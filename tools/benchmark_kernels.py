@@ -59,31 +59,29 @@ def emo_batch(batch, seq, docs_per_row, num_experts, pool_min, pool_max, seed):
 
 
 def per_document_loop_route(logits, input_ids, pool_sizes, topk):
-    """The original implementation's shape: rows and documents in Python, boundaries and pool
-    sizes read to the host (.tolist()/.item()), one small masked softmax per document."""
+    """The original implementation's shape: a Python loop over rows (boundaries read to the host
+    with .tolist()) and documents (a pool size read with .item(), a softmax and a top-k over the
+    summed probabilities, an indexed write into a dense [B, S, E] mask), then one masked
+    softmax and top-k for all tokens."""
     batch, seq = input_ids.shape
-    logits = logits.view(batch, seq, -1)
-    weights, indices, probs, lse = [], [], [], []
+    num_experts = logits.shape[-1]
+    drop = torch.zeros(batch, seq, num_experts, dtype=torch.bool, device=logits.device)
+    scores = logits.view(batch, seq, num_experts)
     segment = 0
     for row in range(batch):
-        eos = (input_ids[row] == EOS).nonzero().flatten().tolist()
-        starts = [0] + [t for t in eos if t > 0]
-        for start, end in zip(starts, starts[1:] + [seq]):
-            doc = logits[row, start:end]
+        eos = ((input_ids[row, 1:] == EOS).nonzero().flatten() + 1).tolist()
+        for start, end in zip([0] + eos, eos + [seq]):
             with torch.no_grad():
-                sums = torch.softmax(doc, dim=-1).sum(dim=0)
-                size = min(int(pool_sizes[segment].item()), sums.numel())
-                pool = torch.topk(sums, size, sorted=False).indices
-            mask = torch.full_like(sums, float("-inf")).index_fill_(0, pool, 0.0)
-            masked = doc + mask
-            doc_probs = torch.softmax(masked, dim=-1)
-            doc_weights, doc_indices = torch.topk(doc_probs, topk, dim=-1)
-            weights.append(doc_weights)
-            indices.append(doc_indices)
-            probs.append(doc_probs)
-            lse.append(torch.logsumexp(masked, dim=-1))
+                sums = torch.softmax(scores[row, start:end], dim=-1).sum(dim=0)
+                num_drop = num_experts - int(pool_sizes[segment].item())
+                if num_drop > 0:
+                    # As the original: drop the smallest sums (ties: whatever topk returns).
+                    drop[row, start:end, torch.topk(-sums, num_drop).indices] = True
             segment += 1
-    return torch.cat(weights), torch.cat(indices), torch.cat(probs), torch.cat(lse)
+    masked = logits.masked_fill(drop.view(-1, num_experts), float("-inf"))
+    probs = torch.softmax(masked, dim=-1)
+    weights, indices = torch.topk(probs, topk, dim=-1)
+    return weights, indices, probs, torch.logsumexp(masked, dim=-1)
 
 
 def implementations(data, topk):
@@ -143,6 +141,7 @@ def environment():
     commit = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain")) if commit else None
     return dict(
+        command=" ".join(sys.argv),
         device=torch.cuda.get_device_name(),
         torch=torch.__version__,
         triton=triton.__version__,

@@ -16,7 +16,8 @@ import argparse
 import logging
 import sys
 
-from megatron_emo.data.preprocess import InputError, preprocess
+from megatron_emo.data.inputs import InputError
+from megatron_emo.data.preprocess import preprocess
 
 
 def main(argv=None) -> int:

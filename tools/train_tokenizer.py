@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from megatron_emo.data.preprocess import InputError, PreprocessSummary, read_documents
+from megatron_emo.data.inputs import InputError, PreprocessSummary, read_documents
 from megatron_emo.data.tokenizer import train_tokenizer
 
 

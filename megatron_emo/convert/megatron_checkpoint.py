@@ -21,7 +21,15 @@ import torch
 from megatron_emo.config import EmoConfig
 from megatron_emo.convert.qwen2_moe import GPTSettings
 from megatron_emo.recipes import RunConfig
-from megatron_emo.training.checkpoint import LATEST, MANIFEST, STATE_FILE, CheckpointError, find_latest, verify_checkpoint
+from megatron_emo.training.checkpoint import (
+    LATEST,
+    MANIFEST,
+    STATE_FILE,
+    TOKENIZER_FILE,
+    CheckpointError,
+    find_latest,
+    verify_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +94,17 @@ def read_run_config(checkpoint: Path) -> RunConfig:
 def find_tokenizer(run: RunConfig, checkpoint: Path, override: Optional[os.PathLike] = None) -> Path:
     """The SentencePiece model the run trained with.
 
-    ``override``, else ``data.tokenizer_model``, else (demo corpus) ``data.cache_dir/demo/
-    tokenizer.model``, else a ``tokenizer.model`` in the run's output folder.
+    ``override``, else the checkpoint's own copy, else ``data.tokenizer_model``, else (demo
+    corpus) ``data.cache_dir/demo/tokenizer.model``, else a ``tokenizer.model`` in the run's
+    output folder.
     """
     if override is not None:
         if not Path(override).is_file():
             raise FileNotFoundError(f"tokenizer model {override} does not exist")
         return Path(override)
     first = Path(run.data.tokenizer_model) if run.data.tokenizer_model else Path(run.data.cache_dir) / "demo" / "tokenizer.model"
-    candidates = [first, Path(run.train.output_dir) / "tokenizer.model", checkpoint.parent.parent / "tokenizer.model"]
+    candidates = [checkpoint / TOKENIZER_FILE, first, Path(run.train.output_dir) / "tokenizer.model",
+                  checkpoint.parent.parent / "tokenizer.model"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate

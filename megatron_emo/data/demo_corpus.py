@@ -81,8 +81,9 @@ def code_documents() -> list[str]:
 
 def prose_documents() -> list[str]:
     text = BOTCHAN.read_text(encoding="utf-8-sig")
-    body = text.split("*** START OF THIS PROJECT GUTENBERG EBOOK")[1].split("*** END OF THIS")[0]
-    lines = body.splitlines()[1:]  # the rest of the START marker line
+    body = text.split("*** START OF THIS PROJECT GUTENBERG EBOOK")[1].split("End of Project Gutenberg's")[0]
+    # Drop the rest of the START marker line and the transcribers' credit line.
+    lines = [line for line in body.splitlines()[1:] if not line.startswith("Produced by")]
     passages, current = [], []
     for line in lines:
         current.append(line)

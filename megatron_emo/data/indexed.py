@@ -9,6 +9,7 @@ model without scanning it.
 
 import json
 import os
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def load_dataset_info(prefix: str | os.PathLike) -> DatasetInfo:
             raise DatasetError(f"dataset {prefix}: {path} does not exist")
     try:
         dataset = IndexedDataset(str(prefix))
-    except (AssertionError, ValueError) as error:
+    except (AssertionError, ValueError, struct.error, OSError) as error:
         raise DatasetError(f"dataset {prefix}: {idx} is not a Megatron index ({error})") from error
     index = dataset.index
     expected = 0 if len(index) == 0 else int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
@@ -109,7 +110,15 @@ def load_dataset_info(prefix: str | os.PathLike) -> DatasetInfo:
         )
     sidecar = prefix.with_name(prefix.name + ".json")
     if sidecar.is_file():
-        return DatasetInfo(**json.loads(sidecar.read_text()))
+        info = DatasetInfo(**json.loads(sidecar.read_text()))
+        indexed = (len(index), int(index.sequence_lengths.sum()) if len(index) else 0)
+        if indexed != (info.documents, info.tokens):
+            raise DatasetError(
+                f"dataset {prefix}: {idx} holds {indexed[0]} documents and {indexed[1]} tokens but "
+                f"{sidecar} says {info.documents} and {info.tokens}: the files do not belong together; "
+                "preprocess the data again"
+            )
+        return info
     tokens = np.memmap(bin_, dtype=index.dtype, mode="r")
     return DatasetInfo(
         tokenizer="unknown",

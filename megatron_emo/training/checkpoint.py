@@ -4,6 +4,7 @@ Layout under ``<output_dir>/checkpoints/``::
 
     step_00000200/state.pt        model, optimizer, LR scheduler, step, RNG states
     step_00000200/run_config.json the run the checkpoint was trained with
+    step_00000200/tokenizer.model the tokenizer it was trained with
     step_00000200/manifest.json   size and SHA-256 of every file, written last
     latest                        the name of the newest complete checkpoint
 
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
 LATEST = "latest"
+TOKENIZER_FILE = "tokenizer.model"
 TMP_PREFIX = ".tmp-"
 
 
@@ -77,7 +79,8 @@ def _rng_state() -> dict:
     return state
 
 
-def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, run) -> Path:
+def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, run,
+                    tokenizer_file: Optional[Path] = None) -> Path:
     """Write checkpoint ``step`` under ``root`` (rank 0 writes; every rank waits for it)."""
     final = root / checkpoint_name(step)
     if dist.get_rank() == 0:
@@ -96,6 +99,8 @@ def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, run) 
             f.flush()
             os.fsync(f.fileno())
         _write_json(tmp / "run_config.json", dataclasses.asdict(run))
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         files = sorted(p.name for p in tmp.iterdir())
         _write_json(tmp / MANIFEST, {name: {"bytes": (tmp / name).stat().st_size,
                                             "sha256": _sha256(tmp / name)} for name in files})

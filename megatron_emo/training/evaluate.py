@@ -13,7 +13,7 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset
 
-from megatron_emo.data.gpt_data import collate, gpt_dataset_config
+from megatron_emo.data.gpt_data import gpt_dataset_config
 
 
 def build_validation_datasets(blend, tokenizer, *, num_samples: int, run) -> dict[str, object]:

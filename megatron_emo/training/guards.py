@@ -1,7 +1,6 @@
 """Failure handling around the training steps: preemption signals, non-finite steps, spikes."""
 
 import logging
-import math
 import signal
 
 import torch

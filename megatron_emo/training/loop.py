@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -129,6 +130,9 @@ def _train(run: RunConfig) -> list[dict]:
             "checkpoints, which megatron_emo does not write yet: set train.save=False"
         )
     runtime = init_distributed(tensor_parallel_size=tp, pipeline_parallel_size=pp, seed=run.train.seed)
+    # megatron-core keeps the router-loss scale in a class attribute: start from its initial
+    # state (a backward outside its schedules leaves a 0-d scale its schedules cannot copy into).
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     data = run.data
     per_microbatch = data.micro_batch_size * runtime.data_parallel_size
     if data.global_batch_size % per_microbatch:
@@ -202,7 +206,7 @@ def _train(run: RunConfig) -> list[dict]:
 
     def save(done: int) -> None:
         path = save_checkpoint(checkpoints, done, model=gpt_model, optimizer=stepper.optimizer,
-                               scheduler=stepper.scheduler, run=run)
+                               scheduler=stepper.scheduler, run=run, tokenizer_file=tokenizer.model_file)
         prune_checkpoints(checkpoints, keep_last=run.train.keep_last, keep_every=run.train.keep_every)
         writer.info(f"saved {path}")
 

@@ -1,6 +1,5 @@
 """The embedded demo corpus (megatron_emo.data.demo_corpus): three real, offline domains."""
 
-import pytest
 
 from megatron_emo.data import demo_corpus
 from megatron_emo.data.demo_corpus import DOMAINS, MIN_DOCUMENT_CHARS, demo_documents
@@ -65,12 +64,6 @@ def test_prose_has_no_gutenberg_header_footer_or_licence(demo_docs):
             assert "Project Gutenberg License" not in line, (i, line)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: prose_documents keeps the Project Gutenberg credit line after START "
-    "('Produced by David Starner ...', passage 0) and the footer line before END "
-    "(\"End of Project Gutenberg's Botchan ...\", last passage)",
-)
 def test_prose_has_no_gutenberg_credit_or_end_lines(demo_docs):
     for i, passage in enumerate(demo_docs["prose"]):
         for line in passage.splitlines():

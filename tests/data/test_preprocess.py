@@ -8,7 +8,8 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_emo.data.demo_corpus import DOMAINS
-from megatron_emo.data.preprocess import InputError, preprocess
+from megatron_emo.data.inputs import InputError
+from megatron_emo.data.preprocess import preprocess
 
 BAD_LINES = {
     "utf8": (b'{"text": "caf\xe9 au lait"}', "not UTF-8"),
@@ -179,4 +180,12 @@ def test_missing_input_file(tmp_path, demo_tokenizer, workers):
 def test_missing_tokenizer(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.model"):
         preprocess([jsonl(tmp_path / "in.jsonl", ["text"])], tmp_path / "out", tmp_path / "nope.model", progress=False)
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_inputs_without_any_document_write_nothing(tmp_path, demo_tokenizer):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n{"text": "   "}\n')
+    with pytest.raises(InputError, match="no documents"):
+        preprocess([empty], tmp_path / "out", demo_tokenizer.model_file, progress=False)
     assert not list(tmp_path.glob("out*"))

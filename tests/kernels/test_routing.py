@@ -93,7 +93,7 @@ def random_lengths(total, count, gen):
     return bounds.diff().tolist()
 
 
-# Each row: (segment lengths, E, K, pools), the edge case in the comment. BLOCK_T is 32 tokens
+# Each row: (segment lengths, E, K, pools), the edge case in the comment. BLOCK_T is 16 tokens
 # at E=127 and 64 at E=8, so 200 and 257 tokens span several blocks.
 CASES = {
     "one token": ([1], 8, 1, "random"),
@@ -309,6 +309,12 @@ def test_missing_triton_is_an_error_not_a_fallback(monkeypatch, fresh_log):
     monkeypatch.delattr(routing, "triton_impl", raising=False)
     with pytest.raises(RuntimeError, match="needs triton"):
         routing.route(torch.randn(3, 8), None, None, 2)
+
+
+def test_router_routes_through_the_kernels_module():
+    from megatron_emo.routing import router
+
+    assert router.route is routing.route
 
 
 def test_installed_as_megatron_emo_kernels():

@@ -4,7 +4,6 @@ import json
 import logging
 
 import pytest
-import torch
 
 from megatron_emo.training import loop
 from megatron_emo.training.checkpoint import find_latest

@@ -28,7 +28,8 @@ def test_tiny_run_loss_falls(tmp_path, mode):
     # 16 routed experts: EMO pools of 4..16 average about 10; top-k mode uses all of them.
     pools = [r["pool_experts"] for r in records]
     assert all(p < 13 for p in pools) if mode == "emo" else all(p == 16 for p in pools)
-    assert (tmp_path / "tokenizer.model").is_file() and (tmp_path / "run_config.json").is_file()
+    assert (tmp_path / "checkpoints" / "step_00000040" / "tokenizer.model").is_file()
+    assert (tmp_path / "run_config.json").is_file() and (tmp_path / "run_info.json").is_file()
     assert list((tmp_path / "tensorboard").iterdir())
 
 
