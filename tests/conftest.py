@@ -60,7 +60,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def megatron_cpu():
     """Enter megatron_emo's CPU mode with TP = PP = 1 in a one-process gloo world; torn down after
-    the test (megatron-core's models and its BlendedDataset need torch.distributed)."""
+    the test (megatron-core's models and its BlendedDataset need torch.distributed). CPU-mode
+    tests: on a GPU machine run them with CUDA_VISIBLE_DEVICES= (megatron-core would otherwise
+    place tensors on the GPU)."""
+    if torch.cuda.is_available():
+        pytest.skip("a CPU-mode test: run it with CUDA_VISIBLE_DEVICES= on a GPU machine")
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 

@@ -46,7 +46,9 @@ def emo_batch(batch, seq, docs_per_row, num_experts, pool_min, pool_max, seed):
     segment_ids = starts.flatten().cumsum(0) - 1
     num_segments = int(segment_ids[-1]) + 1
     pool_sizes = torch.zeros(batch * seq, dtype=torch.int64)
-    pool_sizes[:num_segments] = torch.randint(pool_min, pool_max + 1, (num_segments,), generator=gen)
+    pool_sizes[:num_segments] = torch.randint(
+        pool_min, pool_max + 1, (num_segments,), generator=gen
+    )
     logits = torch.randn(batch * seq, num_experts, generator=gen) * 2
     cuda = dict(device="cuda")
     return dict(
@@ -126,13 +128,19 @@ def check_agreement(impls, logits):
     """Max |weights - triton's| per implementation: the comparison must be of equals."""
     with torch.no_grad():
         base = impls["triton"](logits)[0]
-        return {name: float((fn(logits)[0] - base).abs().max()) for name, fn in impls.items() if name != "plain_topk"}
+        return {
+            name: float((fn(logits)[0] - base).abs().max())
+            for name, fn in impls.items()
+            if name != "plain_topk"
+        }
 
 
 def environment():
     def git(*args):
         try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *args], capture_output=True, text=True, check=True
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return None
 
@@ -173,7 +181,15 @@ def bench_routing(args):
         num_experts=args.num_experts, topk=args.topk, logits_dtype="float32",
         pool_min=args.pool_min, pool_max=args.pool_max,
     )  # fmt: skip
-    data = emo_batch(args.batch, args.seq, args.docs_per_row, args.num_experts, args.pool_min, args.pool_max, seed=0)
+    data = emo_batch(
+        args.batch,
+        args.seq,
+        args.docs_per_row,
+        args.num_experts,
+        args.pool_min,
+        args.pool_max,
+        seed=0,
+    )
     shape["num_segments"] = data["num_segments"]
     impls = implementations(data, args.topk)
     logits = data["logits"].requires_grad_(True)
@@ -189,13 +205,23 @@ def bench_routing(args):
             graphable = name != "per_document_loop" and pass_name != "fwd+bwd+losses"
             eager, graph = time_pass(step, logits, graphable)
             records.append(
-                dict(benchmark="routing", impl=name, **{"pass": pass_name}, eager_ms=eager, graph_ms=graph, shape=shape, **env)
+                dict(
+                    benchmark="routing",
+                    impl=name,
+                    **{"pass": pass_name},
+                    eager_ms=eager,
+                    graph_ms=graph,
+                    shape=shape,
+                    **env,
+                )
             )
     for record in records:
         same = {r["impl"]: r for r in records if r["pass"] == record["pass"]}
         plain, loop = same["plain_topk"], same["per_document_loop"]
         record["eager_vs_plain_topk"] = record["eager_ms"] / plain["eager_ms"]
-        record["graph_vs_plain_topk"] = record["graph_ms"] / plain["graph_ms"] if record["graph_ms"] else None
+        record["graph_vs_plain_topk"] = (
+            record["graph_ms"] / plain["graph_ms"] if record["graph_ms"] else None
+        )
         record["loop_eager_over_this_eager"] = loop["eager_ms"] / record["eager_ms"]
         record["max_abs_weight_diff_vs_triton"] = agreement.get(record["impl"])
     return records
@@ -205,7 +231,10 @@ def print_table(records):
     def fmt(value, spec):
         return format(value, spec) if value is not None else format("-", ">" + spec.split(".")[0])
 
-    print(f"{'pass':<16}{'impl':<19}{'eager ms':>9}{'x plain':>8}{'loop/this':>10}{'graph ms':>10}{'x plain':>8}")
+    print(
+        f"{'pass':<16}{'impl':<19}{'eager ms':>9}{'x plain':>8}{'loop/this':>10}"
+        f"{'graph ms':>10}{'x plain':>8}"
+    )
     for r in records:
         print(
             f"{r['pass']:<16}{r['impl']:<19}{r['eager_ms']:>9.3f}{r['eager_vs_plain_topk']:>8.2f}"
@@ -215,7 +244,9 @@ def print_table(records):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("kernel", choices=["routing"], help="which kernel to benchmark")
     parser.add_argument("--output", required=True, help="JSON file to write (one record per case)")
     parser.add_argument("--batch", type=int, default=4)
@@ -224,7 +255,9 @@ def main(argv=None) -> int:
     parser.add_argument("--num-experts", type=int, default=127, help="routed experts")
     parser.add_argument("--topk", type=int, default=7, help="routed top-k")
     parser.add_argument("--pool-min", type=int, default=8)
-    parser.add_argument("--pool-max", type=int, default=128, help="EMO: 128 (>= E keeps every expert)")
+    parser.add_argument(
+        "--pool-max", type=int, default=128, help="EMO: 128 (>= E keeps every expert)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: benchmark_kernels.py times CUDA kernels and needs a GPU; none is visible "

@@ -254,7 +254,9 @@ def _route_backward_kernel(
         for k in tl.static_range(TOPK):
             index = tl.load(indices_ptr + offs_t * TOPK + k, mask=row_ok, other=-1)
             grad_w = tl.load(grad_weights_ptr + offs_t * TOPK + k, mask=row_ok, other=0.0)
-            grad += tl.where(offs_e[None, :] == index[:, None], grad_w.to(probs.dtype)[:, None], 0.0)
+            grad += tl.where(
+                offs_e[None, :] == index[:, None], grad_w.to(probs.dtype)[:, None], 0.0
+            )
     # Softmax backward; d lse / d logits = probs adds grad_lse inside the bracket.
     shift = tl.sum(probs * grad, axis=1)
     if HAS_GRAD_LSE:
@@ -368,7 +370,9 @@ def route_backward(
         return grad_logits
     e_pad, block_t = _geometry(num_experts)
     # Absent gradients are compiled out; any tensor stands in for their pointers.
-    present = [g.contiguous() if g is not None else probs for g in (grad_weights, grad_probs, grad_lse)]
+    present = [
+        g.contiguous() if g is not None else probs for g in (grad_weights, grad_probs, grad_lse)
+    ]
     _route_backward_kernel[(triton.cdiv(num_tokens, block_t),)](
         probs, indices, *present, grad_logits,
         num_tokens, num_experts,
@@ -382,7 +386,10 @@ def route_backward(
 
 
 class RouteFunction(torch.autograd.Function):
-    """``(logits, segment_ids, pool_sizes, topk) -> (weights, indices, probs, lse)``, fused backward."""
+    """``(logits, segment_ids, pool_sizes, topk) -> (weights, indices, probs, lse)``.
+
+    The backward is one fused kernel; the pool and the top-K indices are held fixed.
+    """
 
     @staticmethod
     def forward(ctx, logits, segment_ids, pool_sizes, topk):
@@ -406,21 +413,28 @@ class RouteFunction(torch.autograd.Function):
 def _check_inputs(logits, segment_ids, pool_sizes, topk) -> None:
     """Shape, dtype and device checks that need no host synchronisation."""
     if logits.dim() != 2 or not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating [T, E] tensor, got {logits.dtype} {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must be a floating [T, E] tensor, got {logits.dtype} {tuple(logits.shape)}"
+        )
     num_tokens, num_experts = logits.shape
     if not 1 <= num_experts <= MAX_EXPERTS:
-        raise ValueError(f"the Triton router supports 1..{MAX_EXPERTS} experts, got E={num_experts}")
+        raise ValueError(
+            f"the Triton router supports 1..{MAX_EXPERTS} experts, got E={num_experts}"
+        )
     if not 1 <= topk <= num_experts:
         raise ValueError(f"topk must be in 1..E={num_experts}, got {topk}")
     if pool_sizes is None:
         return
     if segment_ids is None or segment_ids.shape != (num_tokens,):
         shape = None if segment_ids is None else tuple(segment_ids.shape)
-        raise ValueError(f"segment_ids must be [T={num_tokens}] when pool_sizes is given, got {shape}")
+        raise ValueError(
+            f"segment_ids must be [T={num_tokens}] when pool_sizes is given, got {shape}"
+        )
     for name, tensor in (("segment_ids", segment_ids), ("pool_sizes", pool_sizes)):
         if tensor.is_floating_point() or tensor.device != logits.device:
             raise ValueError(
-                f"{name} must be an integer tensor on {logits.device}, got {tensor.dtype} on {tensor.device}"
+                f"{name} must be an integer tensor on {logits.device}, "
+                f"got {tensor.dtype} on {tensor.device}"
             )
     if pool_sizes.dim() != 1:
         raise ValueError(f"pool_sizes must be 1-D [>= N], got {tuple(pool_sizes.shape)}")

@@ -115,7 +115,12 @@ def case_inputs(case, dtype=torch.float32):
     if lengths == "random":
         lengths = random_lengths(257, 9, gen)
     logits = make_logits(sum(lengths), num_experts, gen, dtype)
-    return logits, make_segments(lengths), make_pools(lengths, num_experts, topk, pool_kind, gen), topk
+    return (
+        logits,
+        make_segments(lengths),
+        make_pools(lengths, num_experts, topk, pool_kind, gen),
+        topk,
+    )
 
 
 @pytest.mark.triton_interpret
@@ -136,7 +141,10 @@ def test_backward_matches_reference_autograd(impl, case, outputs):
     """Gradient of weights (and of probs and logsumexp, as the LB and z-losses use them)."""
     logits, seg, pools, topk = case_inputs(case)
     gen = torch.Generator().manual_seed(7)
-    grads_out = [torch.randn(s, generator=gen).to(DEVICE) for s in ((len(logits), topk), logits.shape, (len(logits),))]
+    grads_out = [
+        torch.randn(s, generator=gen).to(DEVICE)
+        for s in ((len(logits), topk), logits.shape, (len(logits),))
+    ]
 
     def grad_of(fn):
         x = logits.clone().requires_grad_(True)
@@ -173,7 +181,9 @@ def test_exact_ties_go_to_lower_index(impl, num_experts):
     """Identical logits: every segment sum ties, and the pool is the lowest-index experts."""
     logits = torch.zeros(5, num_experts, device=DEVICE)
     pools = [3, num_experts // 2]
-    weights, indices, probs = impl.route(logits, make_segments([2, 3]), torch.tensor(pools, device=DEVICE), 2)
+    weights, indices, probs = impl.route(
+        logits, make_segments([2, 3]), torch.tensor(pools, device=DEVICE), 2
+    )
     for rows, pool in ((slice(0, 2), pools[0]), (slice(2, 5), pools[1])):
         eligible = (torch.arange(num_experts, device=DEVICE) < pool).expand_as(probs[rows])
         assert torch.equal(probs[rows] > 0, eligible)
@@ -222,7 +232,9 @@ def poisoned(shape, *, dtype, device):
 
 
 @pytest.mark.triton_interpret
-@pytest.mark.parametrize("case", ["T=257, a segment across several blocks", "T=257, every segment 1 token", "no pool"])
+@pytest.mark.parametrize(
+    "case", ["T=257, a segment across several blocks", "T=257, every segment 1 token", "no pool"]
+)
 def test_every_element_is_written(impl, case):
     """Outputs and workspaces poisoned before the run: the results are those of a clean run."""
     logits, seg, pools, topk = case_inputs(case)
@@ -232,7 +244,10 @@ def test_every_element_is_written(impl, case):
         assert torch.equal(a, b)
     gen = torch.Generator().manual_seed(5)
     weights, indices, probs, _ = clean
-    grad_w, grad_lse = torch.randn(weights.shape, generator=gen), torch.randn(len(logits), generator=gen)
+    grad_w, grad_lse = (
+        torch.randn(weights.shape, generator=gen),
+        torch.randn(len(logits), generator=gen),
+    )
     args = (probs, indices, grad_w.to(DEVICE), None, grad_lse.to(DEVICE), logits.dtype)
     grad = impl.route_backward(*args, alloc=poisoned)
     assert torch.equal(grad, impl.route_backward(*args))
@@ -357,7 +372,7 @@ def test_emo_shape_matches_reference_on_gpu(num_experts):
     ref = reference.route(logits, seg, pools, 7, return_logsumexp=True)
     assert_matches_reference(out, ref, rows=clear_pool_rows(logits, seg, pools, lengths))
     for a, b in zip(out, routing.route(logits, seg, pools, 7, return_logsumexp=True)):
-        assert torch.equal(a, b)  # deterministic: no atomics
+        assert torch.equal(a, b)  # deterministic: fixed summation order
 
 
 @pytest.mark.gpu
@@ -365,15 +380,24 @@ def test_emo_shape_backward_on_gpu():
     gen = torch.Generator().manual_seed(1)
     logits, seg, pools, lengths = emo_batch(127, gen)
     rows = clear_pool_rows(logits, seg, pools, lengths)
-    grads_out = [torch.randn(s, generator=gen).cuda() for s in ((len(logits), 7), logits.shape, (len(logits),))]
+    grads_out = [
+        torch.randn(s, generator=gen).cuda()
+        for s in ((len(logits), 7), logits.shape, (len(logits),))
+    ]
 
     def grad_of(fn):
         x = logits.clone().requires_grad_(True)
         weights, _, probs, lse = fn(x, seg, pools, 7, return_logsumexp=True)
-        ((weights * grads_out[0]).sum() + (probs * grads_out[1]).sum() + (lse * grads_out[2]).sum()).backward()
+        (
+            (weights * grads_out[0]).sum()
+            + (probs * grads_out[1]).sum()
+            + (lse * grads_out[2]).sum()
+        ).backward()
         return x.grad[rows]
 
-    torch.testing.assert_close(grad_of(routing.route), grad_of(reference.route), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        grad_of(routing.route), grad_of(reference.route), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.gpu
