@@ -183,11 +183,13 @@ def _train(run: RunConfig) -> list[dict]:
     start_step = 0
     latest = find_latest(checkpoints) if run.train.resume else None
     if latest is not None:
+        load_started = time.perf_counter()
         start_step = load_checkpoint(latest, model=gpt_model, optimizer=stepper.optimizer, scheduler=stepper.scheduler)
+        load_seconds = time.perf_counter() - load_started
 
     writer = MetricsWriter(run, enabled=runtime.is_logging_rank, resume_step=start_step)
     if latest is not None:
-        writer.info(f"resumed from {latest} at step {start_step}")
+        writer.info(f"resumed from {latest} at step {start_step} (loaded in {load_seconds:.1f} s)")
     writer.info(
         f"{run.name}: {num_params / 1e6:.2f}M parameters on this rank, {len(blend)} datasets, "
         f"{data.seq_length}-token samples, vocab {vocab_size}, router {config.emo_router_mode}, "
@@ -205,10 +207,11 @@ def _train(run: RunConfig) -> list[dict]:
     stop = StopSignal()
 
     def save(done: int) -> None:
+        started = time.perf_counter()
         path = save_checkpoint(checkpoints, done, model=gpt_model, optimizer=stepper.optimizer,
                                scheduler=stepper.scheduler, run=run, tokenizer_file=tokenizer.model_file)
         prune_checkpoints(checkpoints, keep_last=run.train.keep_last, keep_every=run.train.keep_every)
-        writer.info(f"saved {path}")
+        writer.info(f"saved {path} in {time.perf_counter() - started:.1f} s")
 
     # A progress bar with ETA on an interactive terminal; plain log lines in batch jobs.
     progress = tqdm(total=run.train.steps, initial=start_step, unit="step", dynamic_ncols=True,

@@ -56,7 +56,12 @@ def test_tiny_run_on_gpu_in_bf16(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"] - 0.5
-    assert "torch._grouped_mm" in result.stderr
+    assert "torch._grouped_mm" in result.stderr and "path = triton" in result.stderr
+    assert records[-1]["max_memory_gib"] > 0
+    # The checkpoint of the GPU run (megatron-core's optimizer) resumes.
+    result = _train(tmp_path, "train.steps=35", "optim.warmup_steps=5", "train.log_interval=5",
+                    "model.bf16=True", "train.tensorboard=False")
+    assert result.returncode == 0 and "at step 30" in result.stderr, result.stderr[-3000:]
 
 
 # --- bad data fails fast through the command line ---------------------------------------------------
