@@ -14,14 +14,11 @@ Exit codes: 0 finished, or stopped by SIGTERM/SIGUSR1 after saving a checkpoint;
 import argparse
 import dataclasses
 import json
-import logging
 import sys
-import warnings
 
-# megatron-core warns that TransformerEngine and apex are missing (we use neither) and about its
-# own cuda-graph default, which we do not use either.
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
-warnings.filterwarnings("ignore", message="full scope is deprecated")
+from megatron_emo.logs import configure_cli_logging, quiet_megatron_warnings
+
+quiet_megatron_warnings()  # before megatron-core is imported below
 
 from megatron_emo.config import ConfigError
 from megatron_emo.data.indexed import DatasetError
@@ -45,11 +42,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    # megatron-core flags every MLP class it does not know, ours included, once per layer.
-    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
-        lambda record: "Unknown MLP type" not in record.getMessage()
-    )
+    configure_cli_logging()
     try:
         run = get_recipe(args.recipe)
         for assignment in args.overrides:

@@ -24,16 +24,15 @@ format cannot express, an existing output folder without --force).
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
-warnings.filterwarnings("ignore", message="full scope is deprecated")
+from megatron_emo.logs import configure_cli_logging, quiet_megatron_warnings
+
+quiet_megatron_warnings()  # before megatron-core is imported
 
 import torch  # noqa: E402
 
@@ -131,10 +130,7 @@ def export(args) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
-        lambda record: "Unknown MLP type" not in record.getMessage()
-    )
+    configure_cli_logging()
     from megatron_emo.config import ConfigError
     from megatron_emo.convert.hf_tokenizer import TokenizerExportError
     from megatron_emo.convert.qwen2_moe import ConversionError

@@ -18,15 +18,9 @@ from typing import Optional
 import torch
 
 from megatron_emo.kernels.routing import reference
+from megatron_emo.logs import log_once
 
 logger = logging.getLogger(__name__)
-_logged_paths = set()
-
-
-def _log_path_once(path: str) -> None:
-    if path not in _logged_paths:
-        _logged_paths.add(path)
-        logger.info("document-pooled routing: path = %s", path)
 
 
 def select_path(device: torch.device) -> str:
@@ -85,5 +79,5 @@ def route(
     """
     path = select_path(logits.device)
     impl = reference if path == "reference" else _triton_impl()
-    _log_path_once(path)
+    log_once(logger, "document-pooled routing: path = %s", path)
     return impl.route(logits, segment_ids, pool_sizes, topk, return_logsumexp=return_logsumexp)

@@ -9,14 +9,9 @@ import logging
 
 import torch
 
+from megatron_emo.logs import log_once
+
 logger = logging.getLogger(__name__)
-_logged_paths = set()
-
-
-def _log_path_once(path: str) -> None:
-    if path not in _logged_paths:
-        _logged_paths.add(path)
-        logger.info("routed experts: grouped GEMM path = %s", path)
 
 
 def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
@@ -37,7 +32,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> t
         ``[N, n]`` in the dtype of ``x``.
     """
     if x.is_cuda and x.dtype == torch.bfloat16:
-        _log_path_once("torch._grouped_mm")
+        log_once(logger, "routed experts: grouped GEMM path = %s", "torch._grouped_mm")
         offsets = group_sizes.cumsum(0, dtype=torch.int32)
         return torch._grouped_mm(x, w, offs=offsets)
     if x.is_cuda:
@@ -45,5 +40,5 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> t
             f"routed experts on CUDA need bf16 (got {x.dtype}): torch._grouped_mm is bf16-only "
             "and the per-expert loop is far too slow for GPU training; train with bf16=True"
         )
-    _log_path_once("per-expert reference loop (CPU)")
+    log_once(logger, "routed experts: grouped GEMM path = %s", "per-expert reference loop (CPU)")
     return grouped_mm_reference(x, w, group_sizes)

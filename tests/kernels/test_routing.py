@@ -292,7 +292,9 @@ def test_bad_arguments_are_refused(impl):
 @pytest.fixture
 def fresh_log(monkeypatch):
     """Forget which paths were logged, so that this test sees the first log line."""
-    monkeypatch.setattr(routing, "_logged_paths", set())
+    from megatron_emo import logs
+
+    monkeypatch.setattr(logs, "_logged_once", set())
 
 
 def test_cpu_runs_the_reference_and_logs_it_once(monkeypatch, caplog, fresh_log):
