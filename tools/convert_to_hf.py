@@ -73,7 +73,7 @@ def _demo_texts(run) -> list[str]:
 
 
 def export(args) -> Path:
-    from megatron_emo.convert import qwen2_moe
+    from megatron_emo.convert import hf_folder, qwen2_moe
     from megatron_emo.convert.hf_tokenizer import export_tokenizer
     from megatron_emo.convert.megatron_checkpoint import find_tokenizer, load_checkpoint_for_export
     from megatron_emo.data.tokenizer import Tokenizer
@@ -97,7 +97,7 @@ def export(args) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         info = export_tokenizer(tokenizer.model_file, tmp, check_texts=_demo_texts(checkpoint.run))
-        qwen2_moe.save_hf_model(
+        hf_folder.save_hf_model(
             tmp, checkpoint.state_dict, config, gpt,
             dtype=DTYPES[args.dtype],
             bos_token_id=info["bos_token_id"],

@@ -129,6 +129,7 @@ def test_existing_output_needs_force(exported, run_dir, capsys):
 def test_export_reads_back_to_the_checkpoint(exported, run_dir):
     from transformers import AutoConfig
 
+    from megatron_emo.convert import hf_folder
     from megatron_emo.convert import qwen2_moe as q
 
     output, _ = exported
@@ -142,6 +143,6 @@ def test_export_reads_back_to_the_checkpoint(exported, run_dir):
                  "emo_pool_min", "emo_pool_max", "emo_eval_pool", "emo_router_mode", "layernorm_epsilon",
                  "emo_vocab_size", "emo_eos_token_id"):
         assert getattr(config, name) == getattr(original, name), name
-    tensors = q.from_hf_state_dict(q.read_hf_weights(output), config, imported.gpt)
+    tensors = q.from_hf_state_dict(hf_folder.read_hf_weights(output), config, imported.gpt)
     for name, tensor in tensors.items():
         assert torch.equal(tensor, checkpoint.state_dict[name]), name

@@ -10,6 +10,7 @@ pytest.importorskip("safetensors")
 
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM  # noqa: E402
 
+from megatron_emo.convert import hf_folder  # noqa: E402
 from megatron_emo.convert import qwen2_moe as q  # noqa: E402
 from megatron_emo.model.gpt import build_gpt_model  # noqa: E402
 from tests.conftest import make_config  # noqa: E402
@@ -65,7 +66,7 @@ def _tokens(batch, seq):
 def test_stock_transformers_gives_our_logits(megatron_cpu, tmp_path, variant):
     model, config, gpt = _model(variant)
     # A small shard size forces several files and an index.
-    q.save_hf_model(tmp_path, model.state_dict(), config, gpt, max_shard_size="40KB")
+    hf_folder.save_hf_model(tmp_path, model.state_dict(), config, gpt, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     hf_config = json.loads((tmp_path / "config.json").read_text())
     assert hf_config["model_type"] == "qwen2_moe" and hf_config["norm_topk_prob"] is False
@@ -87,7 +88,7 @@ def test_stock_transformers_gives_our_logits(megatron_cpu, tmp_path, variant):
 
 def test_same_greedy_generation(megatron_cpu, tmp_path):
     model, config, gpt = _model("emo")
-    q.save_hf_model(tmp_path, model.state_dict(), config, gpt)
+    hf_folder.save_hf_model(tmp_path, model.state_dict(), config, gpt)
     hf = _load_stock(tmp_path)
     for prompt in ([5, 17, 33], [40, 41, 42, 43, 44, 45, 46]):
         ours = our_greedy(model, prompt, 8, EOS)
@@ -100,7 +101,7 @@ def test_padded_vocabulary_rows_are_never_generated(megatron_cpu, tmp_path):
     model, config, gpt = _model("emo")
     with torch.no_grad():  # make the padded rows win the argmax unless suppressed
         model.output_layer.weight[40:] *= 10
-    q.save_hf_model(tmp_path, model.state_dict(), config, gpt, tokenizer_vocab_size=40)
+    hf_folder.save_hf_model(tmp_path, model.state_dict(), config, gpt, tokenizer_vocab_size=40)
     assert json.loads((tmp_path / "generation_config.json").read_text())["suppress_tokens"] == list(range(40, 64))
     hf = _load_stock(tmp_path)
     prompt = [5, 17, 33]
@@ -113,7 +114,7 @@ def test_parity_needs_the_pool_off(megatron_cpu, tmp_path):
     # With an eval pool, our eval-mode model differs from the HF one: that is the documented
     # limit of the format, and the reason parity is defined with emo_eval_pool=None.
     model, config, gpt = _model("emo")
-    q.save_hf_model(tmp_path, model.state_dict(), config, gpt)
+    hf_folder.save_hf_model(tmp_path, model.state_dict(), config, gpt)
     hf = _load_stock(tmp_path)
     pooled = build_gpt_model(_config(emo_eval_pool=2), max_sequence_length=64, rotary_base=ROPE).eval()
     pooled.load_state_dict(model.state_dict())
@@ -149,7 +150,7 @@ def _load_ours(config, gpt, tensors):
 def test_hf_megatron_hf_round_trip_is_exact(megatron_cpu, tmp_path, tied):
     stock = _random_stock_model(tie_word_embeddings=tied)
     stock.save_pretrained(tmp_path / "stock")
-    original = q.read_hf_weights(tmp_path / "stock")
+    original = hf_folder.read_hf_weights(tmp_path / "stock")
     assert "model.layers.0.mlp.experts.5.down_proj.weight" in original  # per-expert on disk
 
     imported = q.from_hf_config(Qwen2MoeConfig.from_pretrained(tmp_path / "stock"))
@@ -166,8 +167,8 @@ def test_hf_megatron_hf_round_trip_is_exact(megatron_cpu, tmp_path, tied):
     for name, tensor in q.from_hf_state_dict(original, config, imported.gpt).items():
         assert torch.equal(fused[name], tensor), name
     # Written by us and read back, file for file.
-    q.save_hf_model(tmp_path / "ours", model.state_dict(), config, imported.gpt, max_shard_size="30KB")
-    rewritten = q.read_hf_weights(tmp_path / "ours")
+    hf_folder.save_hf_model(tmp_path / "ours", model.state_dict(), config, imported.gpt, max_shard_size="30KB")
+    rewritten = hf_folder.read_hf_weights(tmp_path / "ours")
     assert rewritten.keys() == original.keys()
     assert all(torch.equal(rewritten[name], tensor) for name, tensor in original.items())
     # And the imported model computes what the stock one computes.
@@ -283,8 +284,8 @@ def test_refuses_qwen2_moe_configs_we_cannot_express(overrides, message):
 
 def test_missing_shard_is_named(megatron_cpu, tmp_path):
     model, config, gpt = _model("emo")
-    q.save_hf_model(tmp_path, model.state_dict(), config, gpt, max_shard_size="40KB")
+    hf_folder.save_hf_model(tmp_path, model.state_dict(), config, gpt, max_shard_size="40KB")
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(q.ConversionError, match=f"shard {shard.name} named in the index is missing"):
-        q.read_hf_weights(tmp_path)
+        hf_folder.read_hf_weights(tmp_path)
