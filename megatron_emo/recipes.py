@@ -87,6 +87,9 @@ class TrainConfig:
     """Also keep every checkpoint whose step is a multiple of this (0: none)."""
     resume: bool = True
     """Continue from the newest complete checkpoint in ``output_dir`` if there is one."""
+    init_from: Optional[str] = None
+    """A checkpoint folder whose model weights start the run (not its optimizer or step), e.g.
+    one written by tools/convert_from_hf.py; ignored when the run resumes."""
     nan_policy: str = "skip"
     """A step with a non-finite loss or gradient norm: ``skip`` it (no update) or ``stop``."""
     max_nan_skips: int = 3

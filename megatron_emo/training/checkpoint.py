@@ -79,14 +79,36 @@ def _rng_state() -> dict:
     return state
 
 
+def write_checkpoint(final: Path, state: dict, run, tokenizer_file: Optional[Path] = None) -> Path:
+    """Write ``state`` (with the run config, tokenizer and manifest) as the folder ``final``,
+    atomically: into a temporary folder, flushed, then renamed."""
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with open(tmp / STATE_FILE, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _write_json(tmp / "run_config.json", dataclasses.asdict(run))
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+    files = sorted(p.name for p in tmp.iterdir())
+    _write_json(tmp / MANIFEST, {name: {"bytes": (tmp / name).stat().st_size,
+                                        "sha256": _sha256(tmp / name)} for name in files})
+    _fsync_dir(tmp)
+    if final.exists():  # a re-save of the same step (e.g. after a resume)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final
+
+
 def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, run,
                     tokenizer_file: Optional[Path] = None) -> Path:
-    """Write checkpoint ``step`` under ``root`` (rank 0 writes; every rank waits for it)."""
+    """Write checkpoint ``step`` under ``root`` and point ``latest`` at it (rank 0 writes; every
+    rank waits for it)."""
     final = root / checkpoint_name(step)
     if dist.get_rank() == 0:
-        tmp = root / f"{TMP_PREFIX}{checkpoint_name(step)}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         state = {
             "step": step,
             "model": model.state_dict(),
@@ -94,20 +116,7 @@ def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, run,
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
         }
-        with open(tmp / STATE_FILE, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _write_json(tmp / "run_config.json", dataclasses.asdict(run))
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-        files = sorted(p.name for p in tmp.iterdir())
-        _write_json(tmp / MANIFEST, {name: {"bytes": (tmp / name).stat().st_size,
-                                            "sha256": _sha256(tmp / name)} for name in files})
-        _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after a resume)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        write_checkpoint(final, state, run, tokenizer_file)
         pointer = root / f"{TMP_PREFIX}{LATEST}"
         pointer.write_text(final.name + "\n")
         os.replace(pointer, root / LATEST)
@@ -155,6 +164,9 @@ def find_latest(root: Path) -> Optional[Path]:
 
 
 def _check_same_shapes(model_state: dict, saved_state: dict, path: Path) -> None:
+    # Only tensors count: megatron-core's ``_extra_state`` entries are None without TE.
+    model_state = {name: value for name, value in model_state.items() if isinstance(value, torch.Tensor)}
+    saved_state = {name: value for name, value in saved_state.items() if isinstance(value, torch.Tensor)}
     missing = sorted(set(model_state) - set(saved_state))
     unexpected = sorted(set(saved_state) - set(model_state))
     mismatched = [
@@ -173,12 +185,20 @@ def _check_same_shapes(model_state: dict, saved_state: dict, path: Path) -> None
         raise CheckpointError(f"checkpoint {path} does not fit this model: {details}")
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> int:
-    """Verify ``path``, restore everything, and return the step to continue from."""
+def load_weights(path: Path, model) -> dict:
+    """Verify ``path`` and load its model weights into ``model``; return the whole state."""
     verify_checkpoint(path)
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     _check_same_shapes(model.state_dict(), state["model"], path)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["model"], strict=False)  # strictness is _check_same_shapes's
+    return state
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> int:
+    """Verify ``path``, restore everything, and return the step to continue from."""
+    state = load_weights(path, model)
+    if "optimizer" not in state:
+        raise CheckpointError(f"checkpoint {path} holds weights only: start from it with train.init_from")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["cpu"])

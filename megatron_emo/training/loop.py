@@ -29,7 +29,13 @@ from megatron_emo.config import ConfigError
 from megatron_emo.recipes import RunConfig, validate_run
 from megatron_emo.routing.documents import document_ids
 from megatron_emo.routing.router import DocumentPooledRouter
-from megatron_emo.training.checkpoint import find_latest, load_checkpoint, prune_checkpoints, save_checkpoint
+from megatron_emo.training.checkpoint import (
+    find_latest,
+    load_checkpoint,
+    load_weights,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from megatron_emo.training.cpu_mode import cuda_on_cpu
 from megatron_emo.training.flops import peak_tflops, training_flops_per_token
 from megatron_emo.training.evaluate import build_validation_datasets, evaluate
@@ -186,10 +192,14 @@ def _train(run: RunConfig) -> list[dict]:
         load_started = time.perf_counter()
         start_step = load_checkpoint(latest, model=gpt_model, optimizer=stepper.optimizer, scheduler=stepper.scheduler)
         load_seconds = time.perf_counter() - load_started
+    elif run.train.init_from:
+        load_weights(Path(run.train.init_from), gpt_model)
 
     writer = MetricsWriter(run, enabled=runtime.is_logging_rank, resume_step=start_step)
     if latest is not None:
         writer.info(f"resumed from {latest} at step {start_step} (loaded in {load_seconds:.1f} s)")
+    elif run.train.init_from:
+        writer.info(f"started from the weights of {run.train.init_from}")
     writer.info(
         f"{run.name}: {num_params / 1e6:.2f}M parameters on this rank, {len(blend)} datasets, "
         f"{data.seq_length}-token samples, vocab {vocab_size}, router {config.emo_router_mode}, "

@@ -146,3 +146,56 @@ def test_export_reads_back_to_the_checkpoint(exported, run_dir):
     tensors = q.from_hf_state_dict(hf_folder.read_hf_weights(output), config, imported.gpt)
     for name, tensor in tensors.items():
         assert torch.equal(tensor, checkpoint.state_dict[name]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/convert_from_hf.py: the export back into a checkpoint that training starts from
+
+FROM_HF = ROOT / "tools" / "convert_from_hf.py"
+
+
+def test_import_back_reproduces_the_checkpoint_and_training_starts_from_it(run_dir, exported, tmp_path):
+    from megatron_emo.training.checkpoint import STATE_FILE, verify_checkpoint
+
+    output, _ = exported
+    init = tmp_path / "init"
+    result = subprocess.run([sys.executable, str(FROM_HF), "--hf", str(output), "--recipe", "tiny",
+                             "--output", str(init)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    verify_checkpoint(init)
+    assert (init / "tokenizer.model").read_bytes() == (output / "tokenizer.model").read_bytes()
+    imported = torch.load(init / STATE_FILE, weights_only=False)["model"]
+    original = torch.load(sorted((run_dir / "checkpoints").glob("step_*"))[-1] / STATE_FILE, weights_only=False)["model"]
+    tensors = {k: v for k, v in original.items() if isinstance(v, torch.Tensor)}
+    assert set(imported) == set(tensors)
+    assert all(torch.equal(imported[k], tensors[k]) for k in tensors)
+    # The printed command starts a run from those weights: its first loss is the trained model's.
+    sets = re.findall(r'--set "([^"]+)"', result.stdout)
+    assert sets[-1] == f"train.init_from={str(init)!r}"
+    train = [sys.executable, "-m", "megatron_emo.train", "--recipe", "tiny",
+             *(arg for s in sets for arg in ("--set", s)),
+             "--set", "train.steps=1", "--set", "optim.warmup_steps=0", "--set", "train.eval_interval=0",
+             "--set", "train.tensorboard=False", "--set", "data.seq_length=64",
+             "--set", f"data.cache_dir={str(run_dir.parent / 'cache')!r}",
+             "--set", f"train.output_dir={str(tmp_path / 'continued')!r}"]
+    trained = subprocess.run(train, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert trained.returncode == 0 and "started from the weights of" in trained.stderr, trained.stderr[-3000:]
+
+
+def test_import_refuses_what_it_cannot_read(tmp_path):
+    result = subprocess.run([sys.executable, str(FROM_HF), "--hf", str(tmp_path), "--recipe", "tiny",
+                             "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 2 and "no config.json" in result.stderr
+
+
+def test_weights_only_checkpoint_cannot_be_resumed_but_can_start_a_run(tmp_path):
+    from megatron_emo.recipes import get_recipe
+    from megatron_emo.training.checkpoint import CheckpointError, load_checkpoint, load_weights, write_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    path = write_checkpoint(tmp_path / "init", {"step": 0, "model": model.state_dict()}, get_recipe("tiny"))
+    other = torch.nn.Linear(3, 2)
+    load_weights(path, other)
+    assert torch.equal(other.weight, model.weight)
+    with pytest.raises(CheckpointError, match="weights only"):
+        load_checkpoint(path, model=other, optimizer=None, scheduler=None)

@@ -1,0 +1,93 @@
+"""Import a Qwen2-MoE Hugging Face folder (e.g. one tools/convert_to_hf.py wrote) for training.
+
+    python tools/convert_from_hf.py --hf runs/tiny/hf --recipe tiny --output runs/tiny-continued/init
+    python -m megatron_emo.train --recipe tiny --set train.init_from="'runs/tiny-continued/init'" ...
+
+Writes a weights-only megatron_emo checkpoint folder (verified like any checkpoint, with the
+run config and the folder's tokenizer.model) and prints the ``--set`` overrides that make the
+recipe's model match the imported one, plus the command that starts training from it. The
+document pools are restored from the export's ``emo_metadata`` when present.
+
+Exit codes: 0 done; 2 bad input (not a Qwen2-MoE folder the model can express, a missing shard,
+an existing output without --force).
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from megatron_emo.logs import configure_cli_logging, quiet_megatron_warnings
+
+quiet_megatron_warnings()  # before megatron-core is imported
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf", required=True, help="the Hugging Face folder (config.json + safetensors)")
+    parser.add_argument("--recipe", required=True, help="the recipe to train with (its data, optimizer and schedule)")
+    parser.add_argument("--output", required=True, help="the checkpoint folder to write")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    return parser.parse_args(argv)
+
+
+def model_overrides(recipe_model: dict, imported_model: dict) -> dict:
+    """The imported model fields that differ from the recipe's (or from EmoConfig's defaults)."""
+    import dataclasses
+
+    from megatron_emo.config import EmoConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(EmoConfig)}
+    return {name: value for name, value in imported_model.items() if recipe_model.get(name, defaults.get(name)) != value}
+
+
+def convert(args) -> list[str]:
+    """Write the checkpoint; return the ``--set`` overrides to train from it."""
+    from transformers import AutoConfig
+
+    from megatron_emo.convert import hf_folder
+    from megatron_emo.convert.qwen2_moe import from_hf_config, from_hf_state_dict
+    from megatron_emo.recipes import get_recipe
+    from megatron_emo.training.checkpoint import write_checkpoint
+
+    hf_dir, output = Path(args.hf), Path(args.output)
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{hf_dir} has no config.json: not a Hugging Face model folder")
+    if output.exists() and not args.force:
+        raise FileExistsError(f"{output} exists: pass --force to replace it")
+    imported = from_hf_config(AutoConfig.from_pretrained(hf_dir))
+    config = imported.emo_config()
+    state = from_hf_state_dict(hf_folder.read_hf_weights(hf_dir), config, imported.gpt)
+    run = get_recipe(args.recipe)
+    overrides = {f"model.{k}": v for k, v in model_overrides(run.model, imported.model).items()}
+    gpt = {"gpt.rotary_base": int(imported.gpt.rotary_base), "gpt.share_embeddings": imported.gpt.share_embeddings}
+    overrides.update({k: v for k, v in gpt.items() if getattr(run.gpt, k.split(".")[1]) != v})
+    run.model.update(imported.model)
+    run.gpt.rotary_base, run.gpt.share_embeddings = gpt["gpt.rotary_base"], gpt["gpt.share_embeddings"]
+    tokenizer = hf_dir / "tokenizer.model"
+    if output.exists():
+        shutil.rmtree(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(output, {"step": 0, "model": state}, run, tokenizer if tokenizer.is_file() else None)
+    return [f"{key}={value!r}" for key, value in overrides.items()] + [f"train.init_from={str(output)!r}"]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    configure_cli_logging()
+    from megatron_emo.convert.qwen2_moe import ConversionError
+
+    try:
+        sets = convert(args)
+    except (ConversionError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"wrote {args.output}; train from it with:")
+    print(f"  python -m megatron_emo.train --recipe {args.recipe} " + " ".join(f'--set "{s}"' for s in sets))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
