@@ -52,3 +52,15 @@ def prepare_demo_data(output_dir: str | os.PathLike, *, vocab_size: int = 2048, 
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, manifest_path)
     return manifest
+
+
+
+def domain_texts(demo_dir: str | os.PathLike, domain: str, held_out_share: float = 0.02) -> tuple[list[str], list[str]]:
+    """A demo domain's documents as (training share, held-out share): training's data.split
+    '98,2,0' gives each dataset's last 2% of documents to validation."""
+    path = Path(demo_dir) / "text" / f"{domain}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: build the demo data (tools/prepare_demo_data.py)")
+    documents = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+    cut = int(round(len(documents) * (1 - held_out_share)))
+    return documents[:cut], documents[cut:]

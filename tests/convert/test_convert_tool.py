@@ -1,6 +1,7 @@
 """tools/convert_to_hf.py on a checkpoint of a real (3-step) tiny training run."""
 
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -199,3 +200,28 @@ def test_weights_only_checkpoint_cannot_be_resumed_but_can_start_a_run(tmp_path)
     assert torch.equal(other.weight, model.weight)
     with pytest.raises(CheckpointError, match="weights only"):
         load_checkpoint(path, model=other, optimizer=None, scheduler=None)
+
+
+def test_select_experts_and_evaluate_tools(run_dir, exported, tmp_path):
+    output, _ = exported
+    demo = run_dir.parent / "cache" / "demo"
+    pruned = tmp_path / "code-25"
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "select_experts.py"), "--hf", str(output),
+                             "--output", str(pruned), "--keep-fraction", "0.25", "--demo-dir", str(demo),
+                             "--domain", "code", "--max-tokens", "2000"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metadata = json.loads((pruned / "pruning_metadata.json").read_text())
+    assert metadata["num_experts_kept"] == 4 and metadata["calibration"]["demo_domain"] == "code"
+    report = tmp_path / "eval.json"
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), "--hf", str(output), str(pruned),
+                             "--demo-dir", str(demo), "--max-tokens", "1000", "--output", str(report)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = json.loads(report.read_text())
+    assert {(r["num_experts"], r["domain"]) for r in records} == {(n, d) for n in (16, 4) for d in ("code", "docs", "prose")}
+    assert all(1 < r["perplexity"] < 5000 and r["tokens"] > 0 for r in records)
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "select_experts.py"), "--hf", str(output), "--output",
+                          str(tmp_path / "x"), "--keep", "1", "--demo-dir", str(demo), "--domain", "code"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert bad.returncode == 2 and "routed top-k" in bad.stderr
