@@ -1,4 +1,5 @@
-"""Import a Qwen2-MoE Hugging Face folder (e.g. one tools/convert_to_hf.py wrote) for training.
+"""Import a Hugging Face folder (our Qwen2-MoE export, or EMO's own ``EmoForCausalLM`` layout) for
+training.
 
     python tools/convert_from_hf.py --hf runs/tiny/hf --recipe tiny --output runs/tiny-continued/init
     python -m megatron_emo.train --recipe tiny --set train.init_from="'runs/tiny-continued/init'" ...
@@ -13,6 +14,7 @@ an existing output without --force).
 """
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -45,9 +47,10 @@ def model_overrides(recipe_model: dict, imported_model: dict) -> dict:
 
 def convert(args) -> list[str]:
     """Write the checkpoint; return the ``--set`` overrides to train from it."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, Qwen2MoeConfig
 
     from megatron_emo.convert import hf_folder
+    from megatron_emo.convert.emo_layout import from_emo_layout, qwen_config_from_emo
     from megatron_emo.convert.qwen2_moe import from_hf_config, from_hf_state_dict
     from megatron_emo.recipes import get_recipe
     from megatron_emo.training.checkpoint import write_checkpoint
@@ -57,9 +60,17 @@ def convert(args) -> list[str]:
         raise FileNotFoundError(f"{hf_dir} has no config.json: not a Hugging Face model folder")
     if output.exists() and not args.force:
         raise FileExistsError(f"{output} exists: pass --force to replace it")
-    imported = from_hf_config(AutoConfig.from_pretrained(hf_dir))
+    raw = json.loads((hf_dir / "config.json").read_text())
+    tensors = hf_folder.read_hf_weights(hf_dir)
+    if raw.get("model_type") == "emo":  # allenai's EmoForCausalLM layout
+        qwen = qwen_config_from_emo(raw)
+        tensors = from_emo_layout(tensors, num_routed=qwen["num_experts"], num_shared=raw.get("num_shared_experts", 1))
+        hf_config = Qwen2MoeConfig(**qwen)
+    else:
+        hf_config = AutoConfig.from_pretrained(hf_dir)
+    imported = from_hf_config(hf_config)
     config = imported.emo_config()
-    state = from_hf_state_dict(hf_folder.read_hf_weights(hf_dir), config, imported.gpt)
+    state = from_hf_state_dict(tensors, config, imported.gpt)
     run = get_recipe(args.recipe)
     overrides = {f"model.{k}": v for k, v in model_overrides(run.model, imported.model).items()}
     gpt = {"gpt.rotary_base": int(imported.gpt.rotary_base), "gpt.share_embeddings": imported.gpt.share_embeddings}

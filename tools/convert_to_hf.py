@@ -50,6 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                         help="dtype of the exported weights (auto: the checkpoint's parameter dtype)")
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 500MB, 5GB)")
+    parser.add_argument("--layout", choices=("qwen2_moe", "emo"), default="qwen2_moe",
+                        help="qwen2_moe: stock transformers (default); emo: allenai's EmoForCausalLM key names "
+                        "(needs that model's remote code to load)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output folder")
     parser.add_argument("--generate", metavar="PROMPT", help="then load --output in stock transformers and "
                         "print a greedy continuation of PROMPT")
@@ -74,6 +77,7 @@ def _demo_texts(run) -> list[str]:
 
 def export(args) -> Path:
     from megatron_emo.convert import hf_folder, qwen2_moe
+    from megatron_emo.convert.emo_layout import rewrite_folder_as_emo
     from megatron_emo.convert.hf_tokenizer import export_tokenizer
     from megatron_emo.convert.megatron_checkpoint import find_tokenizer, load_checkpoint_for_export
     from megatron_emo.data.tokenizer import Tokenizer
@@ -105,6 +109,8 @@ def export(args) -> Path:
             tokenizer_vocab_size=info["vocab_size"],
             max_shard_size=args.max_shard_size,
         )
+        if args.layout == "emo":
+            rewrite_folder_as_emo(tmp, num_shared=config.emo_num_shared_experts, max_shard_size=args.max_shard_size)
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)
@@ -115,7 +121,7 @@ def export(args) -> Path:
     size = sum(p.stat().st_size for p in output.glob("*.safetensors"))
     print(f"exported {checkpoint.path} (step {checkpoint.step}, run {checkpoint.run.name!r}) to {output} "
           f"in {time.time() - start:.1f} s")
-    print(f"  Qwen2MoeForCausalLM: {config.num_layers} layers, hidden {config.hidden_size}, "
+    print(f"  {'EmoForCausalLM layout' if args.layout == 'emo' else 'Qwen2MoeForCausalLM'}: {config.num_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_routed_experts} routed experts (top-{config.routed_topk}) + "
           f"{config.emo_num_shared_experts} shared, vocab {vocab} (tokenizer {tokenizer.vocab_size}), "
           f"{len(files)} safetensors file(s), {size / 1e6:.1f} MB")

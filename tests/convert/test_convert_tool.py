@@ -225,3 +225,21 @@ def test_select_experts_and_evaluate_tools(run_dir, exported, tmp_path):
                           str(tmp_path / "x"), "--keep", "1", "--demo-dir", str(demo), "--domain", "code"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert bad.returncode == 2 and "routed top-k" in bad.stderr
+
+
+def test_emo_layout_export_imports_back_exactly(run_dir, tmp_path):
+    from megatron_emo.training.checkpoint import STATE_FILE
+
+    emo = tmp_path / "emo"
+    result = subprocess.run([sys.executable, str(TOOL), "--checkpoint", str(run_dir), "--output", str(emo),
+                             "--layout", "emo"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((emo / "config.json").read_text())["model_type"] == "emo"
+    init = tmp_path / "init"
+    result = subprocess.run([sys.executable, str(FROM_HF), "--hf", str(emo), "--recipe", "tiny", "--output", str(init)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = torch.load(init / STATE_FILE, weights_only=False)["model"]
+    original = torch.load(sorted((run_dir / "checkpoints").glob("step_*"))[-1] / STATE_FILE, weights_only=False)["model"]
+    tensors = {k: v for k, v in original.items() if isinstance(v, torch.Tensor)}
+    assert set(imported) == set(tensors) and all(torch.equal(imported[k], tensors[k]) for k in tensors)
