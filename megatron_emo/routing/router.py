@@ -50,8 +50,8 @@ class DocumentPooledRouter(MegatronModule):
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
 
-    def pool_sizes(self, document_ids: torch.Tensor) -> Optional[torch.Tensor]:
-        """Pool of every document (int64 ``[b*s]`` per dense segment), or None for no pool."""
+    def pool_sizes(self, document_ids: torch.Tensor, seg: torch.Tensor) -> Optional[torch.Tensor]:
+        """Pool of every document (int64 ``[b*s]`` per dense segment ``seg``), or None for no pool."""
         config = self.config
         if config.emo_router_mode == "topk":
             return None
@@ -63,7 +63,6 @@ class DocumentPooledRouter(MegatronModule):
             return None
         else:
             token_pools = torch.full_like(document_ids, config.emo_eval_pool)
-        seg = documents.segment_index(document_ids)
         return documents.pool_sizes_per_segment(token_pools, seg)
 
     def forward(self, hidden_states: torch.Tensor, document_ids: torch.Tensor):
@@ -85,8 +84,8 @@ class DocumentPooledRouter(MegatronModule):
         )
         # Segments are contiguous along rows, so route in row-major ([b, s]) token order.
         logits = logits.view(seq_len, batch, -1).transpose(0, 1).reshape(batch * seq_len, -1)
-        pool_sizes = self.pool_sizes(document_ids)
-        segment_ids = documents.segment_index(document_ids) if pool_sizes is not None else None
+        segment_ids = documents.segment_index(document_ids)
+        pool_sizes = self.pool_sizes(document_ids, segment_ids)
         weights, indices, probs, logsumexp = route(
             logits, segment_ids, pool_sizes, config.routed_topk, return_logsumexp=True
         )

@@ -52,10 +52,11 @@ def resolve_data(run: RunConfig) -> tuple[list[tuple[float, str]], Tokenizer]:
     if data.blend:
         return [tuple(entry) for entry in data.blend], Tokenizer(data.tokenizer_model)
     demo_dir = Path(data.cache_dir) / "demo"
+    # Rank 0 builds the demo data; the others then find its manifest and reuse it.
     if torch.distributed.get_rank() == 0:
         prepare_demo_data(demo_dir, vocab_size=data.demo_vocab_size)
     torch.distributed.barrier()
-    manifest = prepare_demo_data(demo_dir, vocab_size=data.demo_vocab_size)  # reads the manifest
+    manifest = prepare_demo_data(demo_dir, vocab_size=data.demo_vocab_size)
     blend = [(1.0, entry["prefix"]) for entry in manifest["domains"].values()]
     return blend, Tokenizer(manifest["tokenizer"])
 
@@ -314,10 +315,7 @@ def _router_summary(per_layer: list[dict]) -> dict:
     per_layer = [stats for stats in per_layer if stats]
     if not per_layer:
         return {}
-    mean = lambda key: sum(stats[key] for stats in per_layer) / len(per_layer)  # noqa: E731
-    return {
-        "lb_loss": mean("lb_loss"),
-        "z_loss": mean("z_loss"),
-        "pool_experts": mean("pool_experts"),
-        "load_max_over_mean": [round(stats["load_max_over_mean"], 3) for stats in per_layer],
-    }
+    summary = {key: sum(stats[key] for stats in per_layer) / len(per_layer)
+               for key in ("lb_loss", "z_loss", "pool_experts")}
+    summary["load_max_over_mean"] = [round(stats["load_max_over_mean"], 3) for stats in per_layer]
+    return summary
