@@ -25,7 +25,11 @@ setup(
     extras_require={
         # Hugging Face export/import (tools/convert_to_hf.py, megatron_emo.convert).
         "hf": ["transformers>=5", "safetensors"],
-        "test": ["pytest", "transformers>=5", "safetensors"],
+        # Expert analysis (tools/analyze_experts.py, examples/emo_effect): heat maps and plots.
+        "analysis": ["transformers>=5", "safetensors", "matplotlib", "scipy"],
+        # The throughput benchmark's chart (tools/benchmark_throughput.py).
+        "bench": ["matplotlib"],
+        "test": ["pytest", "transformers>=5", "safetensors", "matplotlib", "scipy"],
     },
     entry_points={"console_scripts": ["emo-train=megatron_emo.train:main"]},
 )

@@ -114,7 +114,8 @@ class RunConfig:
     def emo_config(self, *, vocab_size: int, eos_token_id: int, on_gpu: bool) -> EmoConfig:
         """Build and validate the model config for the tokenizer's vocabulary and the device."""
         bf16 = self.model.get("bf16", on_gpu)
-        fields = {"params_dtype": torch.bfloat16 if bf16 else torch.float32, **self.model, "bf16": bf16}
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        fields = {"params_dtype": dtype, "pipeline_dtype": dtype, **self.model, "bf16": bf16}
         return EmoConfig(**fields, emo_vocab_size=vocab_size, emo_eos_token_id=eos_token_id)
 
 
@@ -180,10 +181,37 @@ def stdmoe_1b14b() -> RunConfig:
     return run
 
 
+def proxy_1gpu() -> RunConfig:
+    """The flagship at full width with as many layers as train on one 80 GB H100: the
+    single-GPU throughput proxy (DESIGN.md §5; tools/benchmark_throughput.py).
+
+    Parameters: a layer holds 822M (attention 4·2048² = 16.8M, 128 experts × 3·2048·1024 =
+    805M, router 0.26M), embeddings and the untied LM head 2 × 100,352·2048 = 411M. On one GPU
+    (data-parallel size 1, so a distributed optimizer shards nothing) training keeps 18 bytes
+    per parameter: bf16 weights 2, fp32 gradients 4, fp32 main weights 4, Adam moments 8.
+    3 layers: 2.88B params, 48.2 GiB; 4 layers: 3.70B, 62.0 GiB. Activations of one micro-batch
+    of 2 × 4096 tokens: the 2-layer run of benchmarks/results/2026-11-25_h100_emo_vs_topk_2layer
+    .json peaked 9.4 GiB above its 34.4 GiB of states (the LM head's fp32 loss over 100k logits
+    is most of it); at up to 2 GiB per further layer, 3 layers peak near 60 GiB and 4 layers near
+    76 GiB of the H100's 79.6, too close to run: 3 layers (``tools/estimate_memory.py --recipe
+    proxy_1gpu --world-size 1``: 60.0 GiB; 75.8 GiB with 4 layers, refused). Micro-batches of 2
+    sequences (8192 tokens, ~450 rows per expert) and 16 sequences per step, the per-GPU share of
+    EMO's 1024 sequences on 64 GPUs.
+    """
+    run = emo_1b14b()
+    run.name = "proxy_1gpu"
+    run.model["num_layers"] = 3
+    run.data.micro_batch_size = 2
+    run.data.global_batch_size = 16
+    run.train.output_dir = "runs/proxy_1gpu"
+    return run
+
+
 RECIPES: dict[str, Callable[[], RunConfig]] = {
     "tiny": tiny,
     "emo_1b14b": emo_1b14b,
     "stdmoe_1b14b": stdmoe_1b14b,
+    "proxy_1gpu": proxy_1gpu,
 }
 
 

@@ -1,6 +1,10 @@
-"""Kernel benchmarks on one CUDA GPU. ``routing``: the document-pooled router, side by side.
+"""Kernel benchmarks on one CUDA GPU, side by side. ``routing``: the document-pooled router (below);
+``grouped_gemm``: the routed experts' SwiGLU FFN; ``moe_layer``: the whole EMO MoE layer (those
+two in tools/benchmark_grouped_gemm.py).
 
     python tools/benchmark_kernels.py routing --output benchmarks/results/DATE_h100_routing.json
+    python tools/benchmark_kernels.py grouped_gemm --output benchmarks/results/DATE_h100_grouped_gemm.json
+    python tools/benchmark_kernels.py moe_layer --output benchmarks/results/DATE_h100_moe_layer.json
 
 At the EMO shape (B=4, S=4096, ~31 documents per row, E=127 routed experts, top-7, fp32 logits,
 training pools uniform on 8..128 as EMO draws them), in one run:
@@ -247,7 +251,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("kernel", choices=["routing"], help="which kernel to benchmark")
+    parser.add_argument("kernel", choices=["routing", "grouped_gemm", "moe_layer"], help="what to benchmark")
     parser.add_argument("--output", required=True, help="JSON file to write (one record per case)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=4096)
@@ -258,13 +262,29 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--pool-max", type=int, default=128, help="EMO: 128 (>= E keeps every expert)"
     )
+    parser.add_argument("--rows", type=int, default=131072, help="grouped_gemm: expert rows")
+    parser.add_argument("--experts", type=int, default=128, help="grouped_gemm: experts")
+    parser.add_argument("--hidden", type=int, default=2048, help="grouped_gemm: model width h")
+    parser.add_argument("--ffn", type=int, default=1024, help="grouped_gemm: expert width F")
+    parser.add_argument("--loads", nargs="+", default=["uniform", "zipf"],
+                        help="grouped_gemm: expert loads (megatron_emo.testing.expert_loads)")  # fmt: skip
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: benchmark_kernels.py times CUDA kernels and needs a GPU; none is visible "
               "(torch.cuda.is_available() is False)", file=sys.stderr)  # fmt: skip
         return 2
-    records = bench_routing(args)
-    print_table(records)
+    if args.kernel == "routing":
+        records = bench_routing(args)
+        print_table(records)
+    else:
+        import benchmark_grouped_gemm as bench  # tools/, beside this script
+
+        if args.kernel == "grouped_gemm":
+            records = bench.bench_grouped_gemm(args, environment())
+            bench.print_grouped_gemm(records)
+        else:
+            records = bench.bench_moe_layer(args, environment())
+            bench.print_moe_layer(records)
     with open(args.output, "w") as f:
         json.dump(records, f, indent=1)
     print(f"wrote {len(records)} records to {args.output}")

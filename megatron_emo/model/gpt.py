@@ -1,27 +1,35 @@
 """Build the EMO GPTModel: megatron-core's GPTModel with the EMO layer spec."""
 
+from typing import Optional
+
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_emo.config import EmoConfig
 from megatron_emo.model.spec import emo_block_spec
 
 
 def build_gpt_model(
-    config: EmoConfig,
+    config: EmoConfig | TransformerConfig,
     *,
     max_sequence_length: int,
     rotary_base: int = 500_000,
     share_embeddings: bool = False,
+    block_spec: Optional[TransformerBlockSubmodules] = None,
+    vocab_size: Optional[int] = None,
 ) -> GPTModel:
     """One pipeline stage of the model, on the CPU (move it with ``.cuda()``).
 
     The vocabulary is ``config.emo_vocab_size`` (already padded); RoPE over the full head.
+    ``block_spec`` and ``vocab_size`` replace the EMO layers and the config's vocabulary (for
+    baseline models in benchmarks).
     """
     return GPTModel(
         config=config,
-        transformer_layer_spec=emo_block_spec(config),
-        vocab_size=config.emo_vocab_size,
+        transformer_layer_spec=block_spec or emo_block_spec(config),
+        vocab_size=vocab_size or config.emo_vocab_size,
         max_sequence_length=max_sequence_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),

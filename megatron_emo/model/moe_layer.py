@@ -3,18 +3,33 @@
 import copy
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_emo.config import EmoConfig
 from megatron_emo.experts.permute import permute, unpermute
 from megatron_emo.experts.routed import RoutedExperts
+from megatron_emo.parallel.dispatch import combine, dispatch
+from megatron_emo.parallel.layout import expert_layout
 from megatron_emo.routing.router import DocumentPooledRouter
 
 
 class EmoMoELayer(MegatronModule):
     """Document-pooled MoE feed-forward layer.
+
+    Parallel layouts: the router sees all tokens of the data-parallel rank (it gathers the
+    logits under sequence parallelism); the routed experts get the tokens on every TP rank and
+    compute their TP slice of every expert, with expert-parallel ranks exchanging rows
+    (:mod:`megatron_emo.parallel.dispatch`); the TP ranks' partial outputs are then summed.
 
     The shared experts are one dense SwiGLU MLP of width ``emo_num_shared_experts *
     moe_ffn_hidden_size`` (the sum of several always-on SwiGLU experts with weight 1.0 is one
@@ -24,6 +39,7 @@ class EmoMoELayer(MegatronModule):
     def __init__(self, config: EmoConfig):
         super().__init__(config)
         self.router = DocumentPooledRouter(config)
+        self.expert_layout = expert_layout(config)
         self.experts = RoutedExperts(config)
         self.shared_experts = None
         if config.emo_num_shared_experts:
@@ -41,15 +57,41 @@ class EmoMoELayer(MegatronModule):
         self.router.set_layer_number(layer_number)
 
     def forward(self, hidden_states: torch.Tensor, document_ids: torch.Tensor):
-        """``hidden_states [s, b, h]``, ``document_ids [b, s]`` → ``(output [s, b, h], None)``."""
-        seq_len, batch, hidden = hidden_states.shape
+        """``hidden_states [s, b, h]`` (``[s/TP, b, h]`` under sequence parallelism), ``document_ids
+        [b, s]`` → ``(output shaped as hidden_states, None)``."""
         weights, indices = self.router(hidden_states, document_ids)
-        rows, group_sizes, order = permute(
-            hidden_states.reshape(-1, hidden), indices, self.config.num_routed_experts
-        )
+        if self.config.tensor_model_parallel_size > 1:
+            # Each TP rank combines partial expert outputs, so its gate gradients are partial too.
+            weights = copy_to_tensor_model_parallel_region(weights)
+        tokens = self._to_expert_region(hidden_states)
+        seq_len, batch, hidden = tokens.shape
+        rows, group_sizes, order = permute(tokens.reshape(-1, hidden), indices, self.expert_layout.num_padded)
+        if self.expert_layout.ep_size > 1:
+            rows, group_sizes, plan = dispatch(rows, group_sizes, parallel_state.get_expert_model_parallel_group())
         expert_rows = self.experts(rows, group_sizes)
+        if self.expert_layout.ep_size > 1:
+            expert_rows = combine(expert_rows, plan)
         output = unpermute(expert_rows, weights, order).view(seq_len, batch, hidden)
+        output = self._from_expert_region(output)
         if self.shared_experts is not None:
             shared_output, _ = self.shared_experts(hidden_states)
             output = output + shared_output
         return output, None
+
+    def _to_expert_region(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """All of this data-parallel rank's tokens on every TP rank, as the routed experts need
+        them (each TP rank computes a slice of every expert's width): gathered under sequence
+        parallelism; the backward sums the TP ranks' partial input gradients."""
+        if self.config.tensor_model_parallel_size == 1:
+            return hidden_states
+        if self.config.sequence_parallel:
+            return gather_from_sequence_parallel_region(hidden_states)
+        return copy_to_tensor_model_parallel_region(hidden_states)
+
+    def _from_expert_region(self, output: torch.Tensor) -> torch.Tensor:
+        """Sum the TP ranks' partial expert outputs (and scatter them back to sequence shards)."""
+        if self.config.tensor_model_parallel_size == 1:
+            return output
+        if self.config.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(output)
+        return reduce_from_tensor_model_parallel_region(output)

@@ -6,7 +6,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_emo.config import EmoConfig
@@ -42,7 +42,8 @@ def emo_layer_spec() -> ModuleSpec:
 
 
 def emo_block_spec(config: EmoConfig) -> TransformerBlockSubmodules:
-    """All layers MoE, then the final RMSNorm."""
+    """This pipeline stage's layers, all MoE, then the final RMSNorm (megatron-core builds as
+    many layers as the block spec lists)."""
     return TransformerBlockSubmodules(
-        layer_specs=[emo_layer_spec()] * config.num_layers, layer_norm=RMSNorm
+        layer_specs=[emo_layer_spec()] * get_num_layers_to_build(config), layer_norm=RMSNorm
     )

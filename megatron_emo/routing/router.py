@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
@@ -42,7 +43,8 @@ class DocumentPooledRouter(MegatronModule):
         )
         if config.perform_initialization:
             config.init_method(self.weight)
-        # Under sequence parallelism each TP rank sees other tokens: the gradient must be summed.
+        # Under sequence parallelism each TP rank's logits come from its own sequence shard:
+        # the gradient must be summed over TP.
         self.weight.sequence_parallel = config.sequence_parallel
         self.layer_number = 1
         self.metrics = RoutingMetrics(config.num_routed_experts)
@@ -69,21 +71,24 @@ class DocumentPooledRouter(MegatronModule):
         """Route a micro-batch.
 
         Args:
-            hidden_states: ``[s, b, h]`` post-norm MoE input.
+            hidden_states: ``[s, b, h]`` post-norm MoE input (``[s/TP, b, h]`` under sequence
+                parallelism).
             document_ids: int64 ``[b, s]`` from :func:`megatron_emo.routing.documents.document_ids`.
 
         Returns:
-            ``(weights, indices)``: fp32 and int64 ``[s*b, K]`` in the token order of
-            ``hidden_states.reshape(s*b, h)``.
+            ``(weights, indices)``: fp32 and int64 ``[s*b, K]`` for the whole sequence, in
+            sequence-major token order.
         """
         config = self.config
-        seq_len, batch, hidden = hidden_states.shape
         # fp32 logits whatever the activation dtype (the weight may be bf16 under Float16Module).
-        logits = torch.matmul(
-            at_least_fp32(hidden_states.reshape(-1, hidden)), at_least_fp32(self.weight).t()
-        )
+        logits = torch.matmul(at_least_fp32(hidden_states), at_least_fp32(self.weight).t())
+        if config.sequence_parallel:
+            # Documents cross the sequence shards: route the whole sequence on every TP rank
+            # (identical pools and LB statistics); each rank's backward keeps its own shard.
+            logits = gather_from_sequence_parallel_region(logits, tensor_parallel_output_grad=False)
+        seq_len, batch, _ = logits.shape
         # Segments are contiguous along rows, so route in row-major ([b, s]) token order.
-        logits = logits.view(seq_len, batch, -1).transpose(0, 1).reshape(batch * seq_len, -1)
+        logits = logits.transpose(0, 1).reshape(batch * seq_len, -1)
         segment_ids = documents.segment_index(document_ids)
         pool_sizes = self.pool_sizes(document_ids, segment_ids)
         weights, indices, probs, logsumexp = route(
@@ -104,7 +109,8 @@ class DocumentPooledRouter(MegatronModule):
 
     @staticmethod
     def balance_group():
-        """Ranks holding other tokens of the same micro-batch: data- and context-parallel."""
+        """Ranks holding other tokens of the same micro-batch: data- and context-parallel (the
+        router sees every token of its data-parallel rank, sequence-parallel or not)."""
         if not parallel_state.model_parallel_is_initialized():
             return None
         return parallel_state.get_data_parallel_group(with_context_parallel=True)

@@ -3,6 +3,7 @@
 Layout under ``<output_dir>/checkpoints/``::
 
     step_00000200/state.pt        model, optimizer, LR scheduler, step, RNG states
+    step_00000200/optimizer_parameters.pt  (GPU) the distributed optimizer's moments
     step_00000200/run_config.json the run the checkpoint was trained with
     step_00000200/tokenizer.model the tokenizer it was trained with
     step_00000200/manifest.json   size and SHA-256 of every file, written last
@@ -15,9 +16,12 @@ truncated or tampered file is rejected by name.
 
 The data position needs no state: sample ``i`` of a run is a pure function of ``i`` and the
 step, and pools are hashed from the step, so restoring the step resumes at the exact sample.
-Supported layouts: data parallelism (the model and a non-distributed optimizer are the same on
-every rank, rank 0 writes); tensor and pipeline parallelism need megatron-core's sharded
-checkpoints and are refused with a clear error for now.
+
+Any layout saves and loads: ``state.pt`` holds the one-process form of the weights and, on the
+CPU, of the AdamW moments (:mod:`megatron_emo.training.full_state`); rank 0 gathers and writes,
+every rank loads its slice. On GPU the optimizer is megatron-core's distributed optimizer, whose
+moments and fp32 main weights go to ``optimizer_parameters.pt``; GPU checkpoints are written by
+single-rank runs (multi-rank GPU runs need megatron-core's sharded checkpoints, not written yet).
 """
 
 import dataclasses
@@ -27,14 +31,23 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_emo.parallel.shards import load_full_weights
+from megatron_emo.training.full_state import (
+    full_optimizer_state,
+    full_parameter_shapes,
+    full_weights,
+    load_full_optimizer_state,
+)
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+OPTIMIZER_PARAMETERS = "optimizer_parameters.pt"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TOKENIZER_FILE = "tokenizer.model"
@@ -79,9 +92,11 @@ def _rng_state() -> dict:
     return state
 
 
-def write_checkpoint(final: Path, state: dict, run, tokenizer_file: Optional[Path] = None) -> Path:
-    """Write ``state`` (with the run config, tokenizer and manifest) as the folder ``final``,
-    atomically: into a temporary folder, flushed, then renamed."""
+def write_checkpoint(final: Path, state: dict, run, tokenizer_file: Optional[Path] = None,
+                     write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write ``state`` (with the run config, tokenizer, what ``write_extra(folder)`` adds, and
+    the manifest) as the folder ``final``, atomically: into a temporary folder, flushed, then
+    renamed."""
     tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -92,6 +107,8 @@ def write_checkpoint(final: Path, state: dict, run, tokenizer_file: Optional[Pat
     _write_json(tmp / "run_config.json", dataclasses.asdict(run))
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+    if write_extra is not None:
+        write_extra(tmp)
     files = sorted(p.name for p in tmp.iterdir())
     _write_json(tmp / MANIFEST, {name: {"bytes": (tmp / name).stat().st_size,
                                         "sha256": _sha256(tmp / name)} for name in files})
@@ -103,20 +120,33 @@ def write_checkpoint(final: Path, state: dict, run, tokenizer_file: Optional[Pat
     return final
 
 
+def _is_cpu_optimizer(optimizer) -> bool:
+    return isinstance(optimizer, torch.optim.Optimizer)
+
+
 def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, run,
                     tokenizer_file: Optional[Path] = None) -> Path:
-    """Write checkpoint ``step`` under ``root`` and point ``latest`` at it (rank 0 writes; every
-    rank waits for it)."""
+    """Write checkpoint ``step`` under ``root`` and point ``latest`` at it. Every rank takes
+    part (rank 0 gathers the one-process state and writes; the others wait for it)."""
     final = root / checkpoint_name(step)
+    weights = full_weights(model)
+    if _is_cpu_optimizer(optimizer):
+        optimizer_state, write_extra = full_optimizer_state(model, optimizer), None
+    else:
+        # megatron-core's distributed optimizer keeps its moments and fp32 main weights apart.
+        optimizer_state = optimizer.state_dict()
+
+        def write_extra(folder: Path) -> None:
+            optimizer.save_parameter_state(str(folder / OPTIMIZER_PARAMETERS))
     if dist.get_rank() == 0:
         state = {
             "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": weights,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
         }
-        write_checkpoint(final, state, run, tokenizer_file)
+        write_checkpoint(final, state, run, tokenizer_file, write_extra)
         pointer = root / f"{TMP_PREFIX}{LATEST}"
         pointer.write_text(final.name + "\n")
         os.replace(pointer, root / LATEST)
@@ -163,16 +193,17 @@ def find_latest(root: Path) -> Optional[Path]:
     return path
 
 
-def _check_same_shapes(model_state: dict, saved_state: dict, path: Path) -> None:
-    # Only tensors count: megatron-core's ``_extra_state`` entries are None without TE.
-    model_state = {name: value for name, value in model_state.items() if isinstance(value, torch.Tensor)}
+def _check_fits(model, saved_state: dict, path: Path) -> None:
+    """Raise CheckpointError unless the saved one-process weights fit the model's parameters."""
+    expected = full_parameter_shapes(model)
+    # Only tensors count: older checkpoints hold megatron-core's ``_extra_state`` entries (None).
     saved_state = {name: value for name, value in saved_state.items() if isinstance(value, torch.Tensor)}
-    missing = sorted(set(model_state) - set(saved_state))
-    unexpected = sorted(set(saved_state) - set(model_state))
+    missing = sorted(set(expected) - set(saved_state))
+    unexpected = sorted(set(saved_state) - set(expected))
     mismatched = [
-        f"{name}: checkpoint {tuple(saved_state[name].shape)} vs model {tuple(value.shape)}"
-        for name, value in model_state.items()
-        if name in saved_state and isinstance(value, torch.Tensor) and saved_state[name].shape != value.shape
+        f"{name}: checkpoint {tuple(saved_state[name].shape)} vs model {shape}"
+        for name, shape in expected.items()
+        if name in saved_state and tuple(saved_state[name].shape) != shape
     ]
     if missing or unexpected or mismatched:
         details = "; ".join(
@@ -186,11 +217,12 @@ def _check_same_shapes(model_state: dict, saved_state: dict, path: Path) -> None
 
 
 def load_weights(path: Path, model) -> dict:
-    """Verify ``path`` and load its model weights into ``model``; return the whole state."""
+    """Verify ``path`` and load its model weights into ``model`` (this rank's slices of them,
+    whatever layout saved them); return the whole state."""
     verify_checkpoint(path)
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    _check_same_shapes(model.state_dict(), state["model"], path)
-    model.load_state_dict(state["model"], strict=False)  # strictness is _check_same_shapes's
+    _check_fits(model, state["model"], path)
+    load_full_weights(model, model.config, state["model"])
     return state
 
 
@@ -199,7 +231,18 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> int:
     state = load_weights(path, model)
     if "optimizer" not in state:
         raise CheckpointError(f"checkpoint {path} holds weights only: start from it with train.init_from")
-    optimizer.load_state_dict(state["optimizer"])
+    saved_on_cpu = "exp_avg" in state["optimizer"]
+    if saved_on_cpu != _is_cpu_optimizer(optimizer):
+        raise CheckpointError(
+            f"checkpoint {path} holds the optimizer state of a {'CPU' if saved_on_cpu else 'GPU'} run, "
+            f"which a {'CPU' if _is_cpu_optimizer(optimizer) else 'GPU'} run cannot resume: start "
+            "from its weights with train.init_from instead"
+        )
+    if saved_on_cpu:
+        load_full_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_parameter_state(str(path / OPTIMIZER_PARAMETERS))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():

@@ -41,6 +41,19 @@ class _CpuDeviceMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _NullEvent:
+    """Stand-in for ``torch.cuda.Event``: work on the CPU is already done."""
+
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+
 class _NullStream:
     """Stand-in for ``torch.cuda.Stream``: work on the CPU is already ordered."""
 
@@ -57,7 +70,7 @@ class _NullStream:
         pass
 
     def record_event(self, event=None):
-        return None
+        return _NullEvent()  # megatron-core's MoE dispatcher synchronises on it
 
     def __enter__(self):
         return self
@@ -85,12 +98,15 @@ def cuda_on_cpu():
     """Map megatron-core's CUDA calls to the CPU for the duration of the block."""
     if torch.cuda.is_available():
         raise RuntimeError("cuda_on_cpu() is for machines without a GPU")
-    saved = {name: getattr(torch.cuda, name) for name in _STAND_INS}
-    for name, stand_in in _STAND_INS.items():
-        setattr(torch.cuda, name, stand_in)
+    # megatron-core calls the RNG functions through torch.cuda.random as well.
+    targets = [(module, name) for module in (torch.cuda, torch.cuda.random) for name in _STAND_INS
+               if hasattr(module, name) and (module is torch.cuda or name.endswith("rng_state"))]
+    saved = {(module, name): getattr(module, name) for module, name in targets}
+    for module, name in targets:
+        setattr(module, name, _STAND_INS[name])
     try:
         with _CpuDeviceMode():
             yield
     finally:
-        for name, original in saved.items():
-            setattr(torch.cuda, name, original)
+        for (module, name), original in saved.items():
+            setattr(module, name, original)

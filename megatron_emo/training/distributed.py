@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_emo.config import ConfigError
+from megatron_emo.config import EmoConfig
+from megatron_emo.parallel.layout import check_layout
 
 
 @dataclass(frozen=True)
@@ -30,43 +31,46 @@ class Runtime:
         return self.rank == self.world_size - 1
 
 
-def init_distributed(*, tensor_parallel_size: int, pipeline_parallel_size: int, seed: int) -> Runtime:
-    """Join (or, for a single process, create) the process group and set up megatron-core.
+def init_process_group() -> None:
+    """Join (or, for a single process, create) the world: NCCL on GPU, gloo on CPU.
 
     Launched by ``torchrun`` the environment gives rank and world size; run directly it is a
     world of one.
     """
     on_gpu = torch.cuda.is_available()
-    if not dist.is_initialized():
-        if "RANK" in os.environ:
-            dist.init_process_group("nccl" if on_gpu else "gloo")
-        else:
-            rendezvous = tempfile.NamedTemporaryFile(prefix="megatron_emo_rdzv_", delete=False).name
-            os.unlink(rendezvous)
-            dist.init_process_group(
-                "nccl" if on_gpu else "gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1
-            )
-    world_size = dist.get_world_size()
-    model_parallel = tensor_parallel_size * pipeline_parallel_size
-    if world_size % model_parallel:
-        raise ConfigError(
-            f"{world_size} processes cannot hold tensor_model_parallel_size={tensor_parallel_size} "
-            f"x pipeline_model_parallel_size={pipeline_parallel_size}: launch a multiple of "
-            f"{model_parallel} processes"
-        )
     if on_gpu:
+        # Before the first collective, so that NCCL uses this rank's GPU.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    elif world_size // model_parallel > 1:
-        raise ConfigError(
-            "data parallelism on the CPU is not supported (megatron-core's DDP and optimizers need "
-            f"CUDA): launch tensor x pipeline = {model_parallel} processes, not {world_size}"
+    if dist.is_initialized():
+        return
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+    else:
+        rendezvous = tempfile.NamedTemporaryFile(prefix="megatron_emo_rdzv_", delete=False).name
+        os.unlink(rendezvous)
+        dist.init_process_group(
+            "nccl" if on_gpu else "gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1
         )
+
+
+def init_model_parallel(config: EmoConfig, *, seed: int) -> Runtime:
+    """Check the layout of ``config`` against the world and set up megatron-core's groups.
+
+    Raises:
+        ConfigError: the layout cannot run on this many ranks (the message names the constraint).
+    """
+    world_size = dist.get_world_size()
+    check_layout(config, world_size)
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_parallel_size,
-        pipeline_model_parallel_size=pipeline_parallel_size,
+        tensor_model_parallel_size=config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+        context_parallel_size=config.context_parallel_size,
+        expert_model_parallel_size=config.expert_model_parallel_size,
+        expert_tensor_parallel_size=config.expert_tensor_parallel_size,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
+    on_gpu = torch.cuda.is_available()
     return Runtime(
         device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"),
         rank=dist.get_rank(),
@@ -76,8 +80,9 @@ def init_distributed(*, tensor_parallel_size: int, pipeline_parallel_size: int, 
     )
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(*, destroy_process_group: bool = True) -> None:
+    """Tear down megatron-core's groups and (unless the caller owns it) the world."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if destroy_process_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -40,7 +40,8 @@ from megatron_emo.training.cpu_mode import cuda_on_cpu
 from megatron_emo.training.flops import peak_tflops, training_flops_per_token
 from megatron_emo.training.evaluate import build_validation_datasets, evaluate
 from megatron_emo.training.guards import NonFiniteGuard, NonFiniteStep, SpikeDetector, StopSignal
-from megatron_emo.training.distributed import Runtime, init_distributed, shutdown_distributed
+from megatron_emo.parallel.grads import finalize_cpu_grads
+from megatron_emo.training.distributed import Runtime, init_model_parallel, init_process_group, shutdown_distributed
 from megatron_emo.training.metrics import MetricsWriter
 from megatron_emo.training.optimizer import cpu_stepper, gpu_stepper
 
@@ -68,7 +69,7 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return total, num_tokens, {"lm_loss": torch.stack([total.detach(), num_tokens.float()])}
 
 
-def _forward_step(eos_token_id: int, seed: int, step: int, data_iterator, model):
+def forward_step(eos_token_id: int, seed: int, step: int, data_iterator, model):
     tokens, labels, loss_mask, sample_index = next(data_iterator)
     docs = document_ids(tokens, eos_token_id, seed=seed, step=step, sample_index=sample_index)
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
@@ -77,13 +78,23 @@ def _forward_step(eos_token_id: int, seed: int, step: int, data_iterator, model)
     return output, functools.partial(_loss_func, loss_mask)
 
 
+def microbatch_samples(global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+    """Indices in the global batch of each micro-batch of data-parallel rank ``dp_rank``.
+
+    Micro-batch j of every data-parallel rank together is one contiguous slice of the global
+    batch, so the ranks' concurrent micro-batches hold the samples one process would run as one
+    micro-batch of ``micro_batch_size x dp_size`` (the load-balancing statistics span them).
+    """
+    for first in range(dp_rank * micro_batch_size, global_batch_size, micro_batch_size * dp_size):
+        yield torch.arange(first, first + micro_batch_size)
+
+
 def _microbatches(dataset, run: RunConfig, runtime: Runtime, step: int):
     """This rank's micro-batches of the step: tokens, labels, loss mask, index in the global batch."""
     data = run.data
-    per_rank = data.global_batch_size // runtime.data_parallel_size
-    first = runtime.data_parallel_rank * per_rank
-    for start in range(first, first + per_rank, data.micro_batch_size):
-        sample_index = torch.arange(start, start + data.micro_batch_size)
+    for sample_index in microbatch_samples(
+        data.global_batch_size, data.micro_batch_size, runtime.data_parallel_rank, runtime.data_parallel_size
+    ):
         batch = collate(dataset, step * data.global_batch_size + sample_index)
         yield tuple(t.to(runtime.device) for t in (batch["tokens"], batch["labels"], batch["loss_mask"], sample_index))
 
@@ -109,8 +120,11 @@ def _wrap_for_gpu(model, config):
     model = model.cuda()
     if config.bf16:
         model = Float16Module(config, model)
+    # ZeRO-1: the distributed optimizer shards fp32 main weights and Adam states over DP.
     model = DistributedDataParallel(
-        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model
+        config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True),
+        module=model,
     )
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
@@ -121,26 +135,36 @@ def train(run: RunConfig) -> list[dict]:
     """Train ``run`` and return the logged records (also written to metrics.jsonl)."""
     validate_run(run)
     on_gpu = torch.cuda.is_available()
+    # A caller that set up the world (a test harness, a notebook) keeps it.
+    owns_world = not torch.distributed.is_initialized()
     with contextlib.nullcontext() if on_gpu else cuda_on_cpu(), logging_redirect_tqdm():
         try:
             return _train(run)
         finally:
-            shutdown_distributed()
+            shutdown_distributed(destroy_process_group=owns_world)
 
 
 def _train(run: RunConfig) -> list[dict]:
-    tp = run.model.get("tensor_model_parallel_size", 1)
-    pp = run.model.get("pipeline_model_parallel_size", 1)
-    if run.train.save and tp * pp > 1:
-        raise ConfigError(
-            "checkpoints of tensor- or pipeline-parallel layouts need megatron-core's sharded "
-            "checkpoints, which megatron_emo does not write yet: set train.save=False"
-        )
-    runtime = init_distributed(tensor_parallel_size=tp, pipeline_parallel_size=pp, seed=run.train.seed)
+    init_process_group()
     # megatron-core keeps the router-loss scale in a class attribute: start from its initial
     # state (a backward outside its schedules leaves a 0-d scale its schedules cannot copy into).
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
     data = run.data
+    blend, tokenizer = resolve_data(run)
+    vocab_size = max(
+        padded_vocab_size(
+            tokenizer.vocab_size, run.gpt.make_vocab_size_divisible_by, run.model.get("tensor_model_parallel_size", 1)
+        ),
+        run.gpt.min_vocab_size,
+    )
+    on_gpu = torch.cuda.is_available()
+    config = run.emo_config(vocab_size=vocab_size, eos_token_id=tokenizer.eos_id, on_gpu=on_gpu)
+    runtime = init_model_parallel(config, seed=run.train.seed)
+    if run.train.save and runtime.on_gpu and runtime.world_size > 1:
+        raise ConfigError(
+            "checkpoints of multi-GPU runs need megatron-core's sharded checkpoints, which "
+            "megatron_emo does not write yet: set train.save=False"
+        )
     per_microbatch = data.micro_batch_size * runtime.data_parallel_size
     if data.global_batch_size % per_microbatch:
         raise ConfigError(
@@ -148,13 +172,6 @@ def _train(run: RunConfig) -> list[dict]:
             f"data.micro_batch_size x data-parallel size = {per_microbatch}"
         )
     num_microbatches = data.global_batch_size // per_microbatch
-
-    blend, tokenizer = resolve_data(run)
-    vocab_size = max(
-        padded_vocab_size(tokenizer.vocab_size, run.gpt.make_vocab_size_divisible_by, tp),
-        run.gpt.min_vocab_size,
-    )
-    config = run.emo_config(vocab_size=vocab_size, eos_token_id=tokenizer.eos_id, on_gpu=runtime.on_gpu)
     for _, prefix in blend:
         check_dataset(prefix, vocab_size=vocab_size, eos_id=tokenizer.eos_id)
     dataset = build_train_dataset(
@@ -184,6 +201,7 @@ def _train(run: RunConfig) -> list[dict]:
         stepper = gpu_stepper(model, config, run.optim, run.train.steps)
         config.grad_scale_func = stepper.optimizer.scale_loss
     else:
+        config.finalize_model_grads_func = finalize_cpu_grads
         stepper = cpu_stepper(model, run.optim, run.train.steps)
     routers = _routers(model)
     checkpoints = Path(run.train.output_dir) / "checkpoints"
@@ -207,7 +225,7 @@ def _train(run: RunConfig) -> list[dict]:
         f"device {runtime.device}, world {runtime.world_size}"
     )
     forward_backward = get_forward_backward_func()
-    forward_step = functools.partial(_forward_step, tokenizer.eos_id, config.emo_routing_seed)
+    step_forward = functools.partial(forward_step, tokenizer.eos_id, config.emo_routing_seed)
     flops_per_token = training_flops_per_token(config, seq_length=data.seq_length, vocab_size=vocab_size)
     peak = peak_tflops(runtime.device)
     writer.info(f"{flops_per_token / 1e9:.3f} GFLOP per token for training (formula: "
@@ -232,7 +250,7 @@ def _train(run: RunConfig) -> list[dict]:
             progress.update(1)
             started = time.perf_counter()
             lr = stepper.optimizer.param_groups[0]["lr"]
-            losses = _forward_backward(step, model, stepper, forward_backward, forward_step, dataset, run,
+            losses = _forward_backward(step, model, stepper, forward_backward, step_forward, dataset, run,
                                        runtime, num_microbatches)
             loss = _mean_loss(losses, runtime)
             grad_norm, applied = stepper.step() if math.isfinite(loss) else (float("nan"), False)
@@ -265,7 +283,7 @@ def _train(run: RunConfig) -> list[dict]:
                 writer.write(record)
             if validation and (done % run.train.eval_interval == 0 or done == run.train.steps):
                 results = evaluate(model, config, validation, forward_backward=forward_backward,
-                                   forward_step=forward_step, run=run, runtime=runtime,
+                                   forward_step=step_forward, run=run, runtime=runtime,
                                    microbatches=functools.partial(_validation_batches, run=run, runtime=runtime))
                 writer.write_eval(done, results)
             if stop.received:

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_emo.parallel.grads import global_grad_norm
+
 from megatron_emo.recipes import OptimConfig
 
 EMBEDDING_PARAM = "*embedding.word_embeddings.weight"
@@ -46,7 +48,8 @@ def _scheduler(optimizer, optim: OptimConfig, total_steps: int) -> OptimizerPara
 
 
 def cpu_stepper(model: torch.nn.Module, optim: OptimConfig, total_steps: int) -> Stepper:
-    """torch AdamW (megatron-core's optimizers insist on CUDA tensors)."""
+    """torch AdamW (megatron-core's optimizers insist on CUDA tensors), clipping by the norm of
+    the whole model across ranks."""
     named = list(model.named_parameters())
     embeddings = [p for name, p in named if fnmatch.fnmatch(name, EMBEDDING_PARAM)]
     others = [p for name, p in named if not fnmatch.fnmatch(name, EMBEDDING_PARAM)]
@@ -59,9 +62,15 @@ def cpu_stepper(model: torch.nn.Module, optim: OptimConfig, total_steps: int) ->
     params = [p for _, p in named]
 
     def step() -> tuple[float, bool]:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.clip_grad))
+        # The norm of the whole model, whatever the parallel layout (every rank agrees on it).
+        grad_norm = float(global_grad_norm(params))
         if not math.isfinite(grad_norm):
             return grad_norm, False
+        clip = min(1.0, optim.clip_grad / (grad_norm + 1e-6))
+        if clip < 1.0:
+            for param in params:
+                if param.grad is not None:
+                    param.grad.mul_(clip)
         optimizer.step()
         return grad_norm, True
 
@@ -69,7 +78,8 @@ def cpu_stepper(model: torch.nn.Module, optim: OptimConfig, total_steps: int) ->
 
 
 def gpu_stepper(model, config, optim: OptimConfig, total_steps: int) -> Stepper:
-    """megatron-core's optimizer (fp32 main weights under bf16) over a megatron DDP model."""
+    """megatron-core's distributed optimizer (fp32 main weights under bf16, sharded over DP) over a
+    megatron DDP model."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer.optimizer_config import ParamKey
 
@@ -85,6 +95,7 @@ def gpu_stepper(model, config, optim: OptimConfig, total_steps: int) -> Stepper:
             clip_grad=optim.clip_grad,
             bf16=config.bf16,
             params_dtype=config.params_dtype,
+            use_distributed_optimizer=True,
         ),
         [model],
         # Replaces megatron-core's default (no decay on norms and biases) by EMO's rule.

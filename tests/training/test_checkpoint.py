@@ -11,7 +11,9 @@ import pytest
 import torch
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_emo.model.gpt import build_gpt_model
 from megatron_emo.recipes import get_recipe
+from megatron_emo.routing.documents import document_ids
 from megatron_emo.training.checkpoint import (
     CheckpointError,
     find_latest,
@@ -20,10 +22,12 @@ from megatron_emo.training.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from tests.conftest import make_config
 
 
-def _parts(width=4):
-    model = torch.nn.Linear(width, 3)
+def _parts(hidden=16):
+    """A tiny GPT model (megatron-core, CPU), its AdamW and its schedule."""
+    model = build_gpt_model(make_config(hidden_size=hidden), max_sequence_length=16, rotary_base=10_000)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     scheduler = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=0.1, min_lr=0.01, lr_warmup_steps=2,
                                         lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
@@ -33,21 +37,14 @@ def _parts(width=4):
 
 def _step(model, optimizer, scheduler):
     optimizer.zero_grad()
-    model(torch.randn(2, model.in_features)).square().sum().backward()
+    tokens = torch.randint(3, 64, (2, 16))
+    docs = document_ids(tokens, 2, seed=0, step=0, sample_index=torch.arange(2))
+    model(tokens, torch.arange(16).expand_as(tokens), docs, labels=tokens).mean().backward()
     optimizer.step()
     scheduler.step(1)
 
 
-@pytest.fixture
-def gloo_world(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def test_round_trip_restores_everything(tmp_path, gloo_world):
+def test_round_trip_restores_everything(tmp_path, megatron_cpu):
     model, optimizer, scheduler = _parts()
     for _ in range(3):
         _step(model, optimizer, scheduler)
@@ -69,7 +66,7 @@ def test_round_trip_restores_everything(tmp_path, gloo_world):
         assert torch.equal(a, b)
 
 
-def test_tampered_truncated_and_incomplete_checkpoints_are_rejected(tmp_path, gloo_world):
+def test_tampered_truncated_and_incomplete_checkpoints_are_rejected(tmp_path, megatron_cpu):
     model, optimizer, scheduler = _parts()
     path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, run=get_recipe("tiny"))
     state = path / "state.pt"
@@ -88,15 +85,15 @@ def test_tampered_truncated_and_incomplete_checkpoints_are_rejected(tmp_path, gl
         verify_checkpoint(path)
 
 
-def test_other_model_shape_is_rejected_with_the_field(tmp_path, gloo_world):
-    path = save_checkpoint(tmp_path, 1, model=_parts(4)[0], optimizer=_parts()[1], scheduler=_parts()[2],
-                           run=get_recipe("tiny"))
-    other = _parts(5)
-    with pytest.raises(CheckpointError, match=r"weight: checkpoint \(3, 4\) vs model \(3, 5\)"):
+def test_other_model_shape_is_rejected_with_the_field(tmp_path, megatron_cpu):
+    model, optimizer, scheduler = _parts(16)
+    path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, run=get_recipe("tiny"))
+    other = _parts(32)
+    with pytest.raises(CheckpointError, match=r"word_embeddings.weight: checkpoint \(64, 16\) vs model \(64, 32\)"):
         load_checkpoint(path, model=other[0], optimizer=other[1], scheduler=other[2])
 
 
-def test_unfinished_save_is_ignored_and_retention(tmp_path, gloo_world, caplog):
+def test_unfinished_save_is_ignored_and_retention(tmp_path, megatron_cpu, caplog):
     model, optimizer, scheduler = _parts()
     for step in (1, 2, 3, 4, 5, 6):
         save_checkpoint(tmp_path, step, model=model, optimizer=optimizer, scheduler=scheduler, run=get_recipe("tiny"))

@@ -1,0 +1,96 @@
+"""The benchmark's comparison: ratios to ``emo``, the targets, a console table and a bar chart."""
+
+from megatron_emo.benchmark.timeline import COMPONENTS
+
+TARGETS = (
+    # (name, case, measure, at least, what it shows)
+    ("emo / topk tokens/s", "topk", "tokens", 0.97, "EMO routing nearly free"),
+    ("emo / mcore-moe tokens/s", "mcore-moe", "tokens", 3.0, "ahead of megatron-core's MoE"),
+    ("loop-router / emo router ms", "loop-router", "router", 20.0, "the fused router against the loop"),
+    ("emo / loop-router tokens/s", "loop-router", "tokens", 1.3, "end to end against the loop"),
+    ("emo / dense tokens/s", "dense", "tokens", 0.8, "close to the dense ceiling"),
+)
+MFU_TARGET = 0.40
+
+
+def _ok(records: list[dict]) -> dict[str, dict]:
+    return {r["case"]: r for r in records if r["status"] == "ok"}
+
+
+def add_ratios(records: list[dict]) -> None:
+    """Per case: its tokens/s and router time against ``emo`` (``vs_emo``), in place."""
+    emo = _ok(records).get("emo")
+    for record in _ok(records).values():
+        if emo is None:
+            continue
+        ratios = {"tokens_per_s": record["tokens_per_s_per_gpu"] / emo["tokens_per_s_per_gpu"]}
+        router, emo_router = (r.get("breakdown_ms", {}).get("router") for r in (record, emo))
+        if router and emo_router:
+            ratios["router_ms"] = router / emo_router
+        record["vs_emo"] = ratios
+
+
+def targets(records: list[dict]) -> list[dict]:
+    """Every target with its measured value (None where a case is missing or failed)."""
+    cases = _ok(records)
+    emo = cases.get("emo")
+    results = []
+    for name, case, measure, minimum, meaning in TARGETS:
+        value = None
+        if emo is not None and case in cases:
+            ratios = cases[case].get("vs_emo", {})
+            value = 1 / ratios["tokens_per_s"] if measure == "tokens" else ratios.get("router_ms")
+        results.append(dict(target=name, at_least=minimum, value=value, met=None if value is None else value >= minimum,
+                            meaning=meaning))
+    mfu = emo.get("mfu") if emo else None
+    results.append(dict(target="emo MFU", at_least=MFU_TARGET, value=mfu, met=None if mfu is None else mfu >= MFU_TARGET,
+                        meaning="honest model FLOPs over the GPU's bf16 peak"))
+    return results
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(records: list[dict]) -> str:
+    """One line per case: throughput, MFU, memory, ratio to emo and the breakdown in ms/step."""
+    header = (f"{'case':<12}{'tok/s/GPU':>11}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}{'x emo':>7}"
+              + "".join(f"{name[:9]:>10}" for name in COMPONENTS))
+    lines = [header]
+    for r in records:
+        if r["status"] != "ok":
+            lines.append(f"{r['case']:<12}{r['status']}: {r['error']}")
+            continue
+        breakdown = r.get("breakdown_ms", {})
+        lines.append(
+            f"{r['case']:<12}{r['tokens_per_s_per_gpu']:>11.0f}{r['tflops_per_gpu']:>9.1f}"
+            f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>7}{_fmt(r.get('peak_memory_gib'), '.1f'):>9}"
+            f"{_fmt(r.get('vs_emo', {}).get('tokens_per_s'), '.2f'):>7}"
+            + "".join(f"{_fmt(breakdown.get(name), '.1f'):>10}" for name in COMPONENTS)
+        )
+    return "\n".join(lines)
+
+
+def draw_chart(records: list[dict], path, title: str) -> None:
+    """PNG: tokens/s/GPU per case, and each case's step time split by component."""
+    from matplotlib.figure import Figure  # no pyplot: no display backend needed
+
+    ok = [r for r in records if r["status"] == "ok"]
+    names = [r["case"] for r in ok]
+    figure = Figure(figsize=(12, 4.5), layout="constrained")
+    speed, split = figure.subplots(1, 2)
+    bars = speed.bar(names, [r["tokens_per_s_per_gpu"] for r in ok], color="tab:blue")
+    speed.bar_label(bars, labels=[f"{r['tokens_per_s_per_gpu']:.0f}" + (f"\n{100 * r['mfu']:.0f}% MFU" if r["mfu"]
+                                  else "") for r in ok], fontsize=8)
+    speed.set_ylabel("tokens/s per GPU")
+    speed.set_title("throughput")
+    bottom = [0.0] * len(ok)
+    for name in COMPONENTS:
+        heights = [r.get("breakdown_ms", {}).get(name, 0.0) for r in ok]
+        split.bar(names, heights, bottom=bottom, label=name)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    split.set_ylabel("ms per step (instrumented steps)")
+    split.set_title("where a step's time goes")
+    split.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.suptitle(title, fontsize=10)
+    figure.savefig(path, dpi=120)

@@ -1,0 +1,186 @@
+"""One benchmark case: build, train W warm-up and N timed steps, then the time breakdown.
+
+A step is the trainer's (megatron_emo.training.loop): megatron-core's forward/backward schedule
+over the step's micro-batches, the loss reduced on the host, the optimizer (megatron-core's with
+fp32 main weights on the GPU, torch AdamW on the CPU) and the schedule. Throughput counts the
+timed steps only, from a synchronised start to a synchronised end.
+"""
+
+import contextlib
+import functools
+import gc
+import logging
+import statistics
+import time
+import traceback
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
+
+from megatron_emo import logs
+from megatron_emo.benchmark.cases import Case, init_weights
+from megatron_emo.benchmark.timeline import Timeline, instrument
+from megatron_emo.parallel.grads import finalize_cpu_grads
+from megatron_emo.recipes import RunConfig
+from megatron_emo.training.distributed import Runtime
+from megatron_emo.training.flops import forward_flops_per_token, peak_tflops
+from megatron_emo.training.loop import _forward_backward, _mean_loss, _wrap_for_gpu, forward_step
+from megatron_emo.training.optimizer import cpu_stepper, gpu_stepper
+
+
+class _PathLog(logging.Handler):
+    """Collects the kernel paths the package logs (``<op>: path = <path>``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.paths = {}
+
+    def emit(self, record):
+        op, sep, path = record.getMessage().partition("path = ")
+        if sep:
+            self.paths[op.rstrip(" :")] = path
+
+
+def _sync(runtime: Runtime) -> None:
+    if runtime.on_gpu:
+        torch.cuda.synchronize()
+
+
+def _measure(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_size: int, eos_id: int,
+             warmup: int, steps: int, profile_steps: int, progress) -> dict:
+    model, config = case.build(run, vocab_size, eos_id, runtime.on_gpu)
+    num_params = sum(p.numel() for p in model.parameters())
+    # As the trainer sets them up (megatron_emo.training.loop), weights drawn before the
+    # optimizer copies them.
+    if runtime.on_gpu:
+        model = _wrap_for_gpu(model, config)
+        init_weights(model, config.init_method_std)
+        stepper = gpu_stepper(model, config, run.optim, run.train.steps)
+        config.grad_scale_func = stepper.optimizer.scale_loss
+    else:
+        init_weights(model, config.init_method_std)
+        config.finalize_model_grads_func = finalize_cpu_grads
+        stepper = cpu_stepper(model, run.optim, run.train.steps)
+    progress(f"built: {num_params / 1e9:.3f}B parameters")
+    data = run.data
+    num_microbatches = data.global_batch_size // (data.micro_batch_size * runtime.data_parallel_size)
+    forward_backward = get_forward_backward_func()
+    seed = getattr(config, "emo_routing_seed", 0)
+    step_function = functools.partial(forward_step, eos_id, seed)
+    losses = []
+
+    def train_step(step: int, timeline: Timeline | None = None) -> None:
+        outputs = _forward_backward(step, model, stepper, forward_backward, step_function, dataset, run,
+                                    runtime, num_microbatches)
+        losses.append(_mean_loss(outputs, runtime))
+        with timeline.span("optimizer") if timeline else contextlib.nullcontext():
+            _, applied = stepper.step()
+        if applied:
+            stepper.scheduler.step(increment=1)
+
+    with case.patch():
+        for step in range(warmup):
+            started = time.perf_counter()
+            train_step(step)
+            _sync(runtime)
+            progress(f"warm-up step {step + 1}/{warmup}: {time.perf_counter() - started:.2f} s")
+        step_times = []
+        _sync(runtime)
+        first = time.perf_counter()
+        for step in range(warmup, warmup + steps):
+            started = time.perf_counter()
+            train_step(step)
+            _sync(runtime)
+            step_times.append(time.perf_counter() - started)
+        elapsed = time.perf_counter() - first
+        progress(f"{steps} timed steps: {elapsed:.2f} s")
+        result = {"num_params": num_params, "step_times_s": step_times, "timed_s": elapsed,
+                  "losses": losses[:], "flops": flop_count(config, run, vocab_size)}
+        try:
+            timeline = Timeline(runtime.on_gpu)
+            with instrument(model, timeline):
+                for step in range(warmup + steps, warmup + steps + profile_steps):
+                    with timeline.step():
+                        train_step(step, timeline)
+            if profile_steps:
+                result["breakdown_ms"] = timeline.milliseconds_per_step()
+        except Exception as error:  # the throughput stands without the breakdown
+            result["breakdown_error"] = f"{type(error).__name__}: {error}"
+            result["breakdown_traceback"] = traceback.format_exc()
+    if runtime.on_gpu:
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    return result
+
+
+def run_case(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_size: int, eos_id: int,
+             warmup: int, steps: int, profile_steps: int, progress=print) -> dict:
+    """Benchmark one case; failures are recorded, not raised.
+
+    Returns:
+        the case's record: ``status`` (``ok`` or ``failed``, with the error), and for ``ok`` the
+        throughput (``tokens_per_s_per_gpu``, ``tflops_per_gpu``, ``mfu``), FLOPs, memory,
+        step times, the per-component breakdown and the kernel paths that ran.
+    """
+    record = {"case": case.name, "description": case.description, **case.info}
+    # Kernel paths are logged once per process: forget them so this case logs its own.
+    logs._logged_once.clear()
+    path_log = _PathLog()
+    logging.getLogger("megatron_emo").addHandler(path_log)
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    if runtime.on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    failure = None
+    try:
+        result = _measure(case, run, runtime, dataset, vocab_size=vocab_size, eos_id=eos_id, warmup=warmup,
+                          steps=steps, profile_steps=profile_steps, progress=progress)
+    except Exception as error:
+        failure = {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    finally:
+        logging.getLogger("megatron_emo").removeHandler(path_log)
+        clear_aux_losses_tracker()
+    # Out of the except clause, whose traceback would keep the failed case's model alive.
+    gc.collect()
+    if runtime.on_gpu:
+        torch.cuda.empty_cache()
+    if failure:
+        return {**record, **failure}
+    return {**record, "status": "ok", "kernel_paths": path_log.paths, **throughput(result, run, runtime)}
+
+
+def flop_count(config, run: RunConfig, vocab_size: int) -> dict:
+    """Training FLOPs per token of the model (full and causal attention scores), with the
+    forward by component and the formula's name."""
+    data = run.data
+    forward = forward_flops_per_token(config, seq_length=data.seq_length, vocab_size=vocab_size)
+    causal = forward_flops_per_token(config, seq_length=data.seq_length, vocab_size=vocab_size, causal=True)
+    return {
+        "training_per_token": 3 * sum(forward.values()),
+        "training_per_token_causal_attention": 3 * sum(causal.values()),
+        "forward_per_token_by_component": forward,
+        "formula": "3 x forward; see megatron_emo/training/flops.py; attention scores over the full s x s "
+                   "(causal_attention: halved)",
+    }
+
+
+def throughput(result: dict, run: RunConfig, runtime: Runtime) -> dict:
+    """Tokens/s/GPU, TFLOP/s/GPU and MFU of the timed steps."""
+    data = run.data
+    steps = len(result["step_times_s"])
+    tokens_per_s = steps * data.global_batch_size * data.seq_length / result["timed_s"] / runtime.world_size
+    per_token, per_token_causal = (result["flops"][key] for key in
+                                   ("training_per_token", "training_per_token_causal_attention"))
+    peak = peak_tflops(runtime.device)
+    out = {
+        **result,
+        "tokens_per_s_per_gpu": tokens_per_s,
+        "step_time_median_s": statistics.median(result["step_times_s"]),
+        "tflops_per_gpu": per_token * tokens_per_s / 1e12,
+        "peak_tflops": peak,
+        "mfu": per_token * tokens_per_s / 1e12 / peak if peak else None,
+        "mfu_causal_attention": per_token_causal * tokens_per_s / 1e12 / peak if peak else None,
+    }
+    if "breakdown_ms" in result:
+        out["breakdown_step_ms"] = sum(result["breakdown_ms"].values())
+    return out

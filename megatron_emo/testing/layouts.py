@@ -1,0 +1,160 @@
+"""One training step (or a few) of a tiny EMO model under any parallel layout, in one-process
+terms, to compare layouts with each other.
+
+:func:`run_layout` is the body of every rank (see :func:`megatron_emo.testing.distributed.run_distributed`):
+it builds the model for its place in the layout, loads one-process weights (or keeps its own
+initialisation when given none), runs megatron-core's schedule over a fixed global batch and
+returns, on rank 0, what one process would see: the LM loss of every step, the router's choices
+(expert indices and gate weights per layer and sample), and the gradients and weights of the
+first step joined to one-process tensors.
+"""
+
+import functools
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+from megatron_emo.config import EmoConfig
+from megatron_emo.model.gpt import build_gpt_model
+from megatron_emo.parallel.grads import finalize_cpu_grads
+from megatron_emo.parallel.shards import full_tensors, load_full_weights
+from megatron_emo.recipes import OptimConfig
+from megatron_emo.routing.router import DocumentPooledRouter
+from megatron_emo.training.cpu_mode import cuda_on_cpu
+from megatron_emo.training.distributed import init_model_parallel
+from megatron_emo.training.loop import forward_step, microbatch_samples
+from megatron_emo.training.optimizer import cpu_stepper
+
+EOS = 2
+ROUTING_SEED = 7
+
+
+def tiny_config(**layout) -> EmoConfig:
+    """2 layers, d 16, 4 heads, 1 shared + 8 routed experts of width 8, top-3, fp32 on CPU."""
+    fields = dict(
+        num_layers=2,
+        hidden_size=16,
+        num_attention_heads=4,
+        ffn_hidden_size=32,
+        num_moe_experts=9,
+        moe_router_topk=3,
+        moe_ffn_hidden_size=8,
+        emo_vocab_size=64,
+        emo_eos_token_id=EOS,
+        emo_pool_min=3,
+        emo_pool_max=6,
+        emo_eval_pool=4,
+        pipeline_dtype=torch.float32,
+    )
+    return EmoConfig(**{**fields, **layout})
+
+
+def fixed_batch(global_batch_size: int, seq_length: int, seed: int = 0) -> torch.Tensor:
+    """int64 ``[G, S + 1]`` token rows with several EOS-separated documents each."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(4, 64, (global_batch_size, seq_length + 1), generator=generator)
+    starts = torch.rand(global_batch_size, seq_length + 1, generator=generator) < 0.15
+    tokens[starts] = EOS
+    return tokens
+
+
+def _batches(tokens: torch.Tensor, micro_batch_size: int, step: int):
+    rows = tokens[:, :-1].contiguous()
+    labels = tokens[:, 1:].contiguous()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    for index in microbatch_samples(tokens.shape[0], micro_batch_size, dp_rank, dp_size):
+        yield rows[index], labels[index], torch.ones(len(index), rows.shape[1]), index + step * tokens.shape[0]
+
+
+def _record_routes(model, routes: dict, sample_index: list):
+    """Forward hooks keeping each router's (weights, indices) per (layer, global sample)."""
+
+    def hook(router, args, output):
+        if not router.training:
+            return
+        weights, indices = output
+        batch = len(sample_index[0])
+        for tensor, kind in ((weights, "weights"), (indices, "indices")):
+            per_sample = tensor.detach().view(-1, batch, tensor.shape[-1]).transpose(0, 1)
+            for row, sample in enumerate(sample_index[0].tolist()):
+                routes[(kind, router.layer_number, sample)] = per_sample[row].clone()
+
+    return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, DocumentPooledRouter)]
+
+
+def run_layout(rank: int, world_size: int, layout: dict, micro_batch_size: int, tokens: torch.Tensor,
+               weights=None, steps: int = 1, seed: int = 0):
+    """Train ``steps`` steps of :func:`tiny_config` under ``layout`` on the global batch ``tokens``.
+
+    Returns:
+        On rank 0: ``{"losses": [per step], "routes": {(kind, layer, sample): tensor},
+        "grads": {name: one-process gradient of step 1}, "weights": {name: initial weights}}``;
+        None on the other ranks.
+    """
+    with cuda_on_cpu():
+        config = tiny_config(**layout)
+        init_model_parallel(config, seed=seed)
+        try:
+            return _train(config, micro_batch_size, tokens, weights, steps)
+        finally:
+            parallel_state.destroy_model_parallel()
+
+
+def _train(config, micro_batch_size, tokens, weights, steps):
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    seq_length = tokens.shape[1] - 1
+    model = build_gpt_model(config, max_sequence_length=seq_length, rotary_base=10_000)
+    if weights is not None:
+        load_full_weights(model, config, weights)
+    initial = full_tensors(model, config, lambda name, param: param)
+    config.finalize_model_grads_func = finalize_cpu_grads
+    stepper = cpu_stepper(model, OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0), steps)
+    routes, sample_index, grads, losses = {}, [None], None, []
+    hooks = _record_routes(model, routes, sample_index)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    num_microbatches = tokens.shape[0] // (micro_batch_size * dp_size)
+
+    def batches(step):
+        for batch in _batches(tokens, micro_batch_size, step):
+            sample_index[0] = batch[3]
+            yield batch
+
+    for step in range(steps):
+        model.train()
+        stepper.zero_grad()
+        outputs = get_forward_backward_func()(
+            forward_step_func=functools.partial(forward_step, EOS, ROUTING_SEED, step),
+            data_iterator=batches(step),
+            model=[model],
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=False,
+        )
+        losses.append(_step_loss(outputs))
+        if step == 0:
+            grads = full_tensors(model, config, lambda name, param: param.grad)
+            for hook in hooks:
+                hook.remove()
+        stepper.step()
+        stepper.scheduler.step(increment=1)
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object((routes, losses), gathered, dst=0)
+    if gathered is None:
+        return None
+    all_routes = {key: value for rank_routes, _ in gathered for key, value in rank_routes.items()}
+    step_losses = next(rank_losses for _, rank_losses in gathered if rank_losses[0] is not None)
+    return {"losses": step_losses, "routes": all_routes, "grads": grads, "weights": initial}
+
+
+def _step_loss(outputs) -> float:
+    """Token-weighted LM loss of the step over data-parallel ranks, on the last stage (None elsewhere)."""
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    totals = torch.stack([item["lm_loss"] for item in outputs]).sum(dim=0)
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return float(totals[0] / totals[1])

@@ -1,0 +1,212 @@
+"""tools/benchmark_throughput.py: the tiny recipe through every case in its own process (and
+once on a real indexed dataset), then the pieces it is built from in this process: the FLOP
+count by hand, the attribution of a step's time, the loop router, synthetic documents and the
+handling of a failing case."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_emo.benchmark.synthetic import SyntheticDocuments
+from megatron_emo.benchmark.timeline import COMPONENTS, Timeline
+from megatron_emo.data.demo_corpus import docs_documents
+from megatron_emo.data.preprocess import preprocess
+from megatron_emo.data.tokenizer import train_tokenizer
+from megatron_emo.routing import reference
+from megatron_emo.training.flops import training_flops_per_token
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+CASES = ["emo", "topk", "dense", "loop-router", "mcore-moe"]
+# The tiny recipe cut to one layer: h 128, 4 heads of 32, 16 routed experts top-2 + 1 shared of
+# 64, 64-token rows, vocabulary 2048.
+TINY = ["--recipe", "tiny", "--set", "model.num_layers=1", "--set", "data.seq_length=64",
+        "--set", "data.global_batch_size=4", "--set", "data.micro_batch_size=2",
+        "--warmup", "1", "--steps", "2", "--profile-steps", "1"]
+
+
+def _load_tool(name: str):
+    sys.path.insert(0, str(TOOLS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(TOOLS))
+
+
+def _start(out: Path, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(TOOLS / "benchmark_throughput.py"), *args, "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _finish(proc: subprocess.Popen, out: Path) -> dict:
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    (result,) = out.glob("*_throughput.json")
+    return {"stdout": stdout, "json": result, **json.loads(result.read_text())}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The synthetic run of every case and a real-data run of ``emo``, started together."""
+    root = tmp_path_factory.mktemp("throughput")
+    synthetic = _start(root / "synthetic", *TINY, "--docs-per-row", "4", "--cases", ",".join(CASES))
+    train_tokenizer(docs_documents()[:60], root / "tok.model", vocab_size=512)
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs_documents()[:60]))
+    preprocess([root / "docs.jsonl"], root / "data" / "docs", root / "tok.model", progress=False)
+    real = _start(root / "real", *TINY, "--cases", "emo", "--data", "recipe",
+                  "--set", f"data.blend=[[1.0, {str(root / 'data' / 'docs')!r}]]",
+                  "--set", f"data.tokenizer_model={str(root / 'tok.model')!r}",
+                  "--set", f"data.cache_dir={str(root / 'cache')!r}")
+    try:
+        yield {"synthetic": _finish(synthetic, root / "synthetic"), "real": _finish(real, root / "real")}
+    finally:
+        for proc in (synthetic, real):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_every_case_runs_and_records_the_documented_fields(runs):
+    result = runs["synthetic"]
+    records = {r["case"]: r for r in result["records"]}
+    assert list(records) == CASES
+    for name, record in records.items():
+        assert record["status"] == "ok", (name, record.get("traceback"))
+        assert record["device"] == "cpu" and record["recipe"] == "tiny"
+        assert record["packages"]["torch"] and record["packages"]["megatron-core"] and record["git_commit"]
+        assert record["layout"] == {"world_size": 1, "data_parallel": 1, "tensor_parallel": 1, "pipeline_parallel": 1,
+                                    "context_parallel": 1, "expert_parallel": 1, "expert_tensor_parallel": 1}
+        assert record["tokens_per_s_per_gpu"] > 0 and len(record["step_times_s"]) == 2
+        assert record["mfu"] is None and record["peak_tflops"] is None  # no GPU peak on the CPU
+        assert all(loss == loss for loss in record["losses"])  # finite
+        assert set(record["breakdown_ms"]) == set(COMPONENTS)
+    assert records["emo"]["vs_emo"]["tokens_per_s"] == 1.0
+    assert records["mcore-moe"]["mcore_experts"] == "SequentialMLP"
+    # The loop router replaces the package's routing, so the routing path is never logged.
+    assert records["emo"]["kernel_paths"]["document-pooled routing"] == "reference"
+    assert "document-pooled routing" not in records["loop-router"]["kernel_paths"]
+    assert [t["target"] for t in result["targets"]][-1] == "emo MFU"
+    assert all(t["value"] is not None for t in result["targets"][:-1])
+    assert "FLOPs per token (emo): 0.003 G training" in result["stdout"]
+
+
+def test_time_breakdown_finds_each_component(runs):
+    records = {r["case"]: r["breakdown_ms"] for r in runs["synthetic"]["records"]}
+    for name in ("emo", "topk", "loop-router", "mcore-moe"):
+        assert all(records[name][part] > 0 for part in COMPONENTS), name
+    dense = records["dense"]
+    assert dense["router"] == dense["dispatch"] == dense["combine"] == dense["shared_expert"] == 0.0
+    assert dense["experts"] > 0 and dense["attention"] > 0
+
+
+def test_flops_equal_a_hand_computation(runs):
+    attention = 2 * 128 * (128 + 2 * 128) + 2 * 128 * 128 + 4 * 64 * 128  # projections + full s×s scores
+    router = 2 * 128 * 16
+    experts = (2 + 1) * 3 * 2 * 128 * 64  # routed top-2 and the shared expert, SwiGLU
+    lm_head = 2 * 128 * 2048
+    records = {r["case"]: r["flops"] for r in runs["synthetic"]["records"]}
+    for name in ("emo", "topk", "loop-router", "mcore-moe"):
+        assert records[name]["training_per_token"] == 3 * (attention + router + experts + lm_head), name
+        causal = 3 * (attention - 2 * 64 * 128 + router + experts + lm_head)
+        assert records[name]["training_per_token_causal_attention"] == causal
+    assert records["dense"]["training_per_token"] == 3 * (attention + experts + lm_head)
+
+
+def test_outputs_are_named_by_date_device_and_recipe(runs):
+    path = runs["synthetic"]["json"]
+    assert path.name.endswith("_cpu_tiny_throughput.json")
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_real_data_run(runs):
+    (record,) = runs["real"]["records"]
+    assert record["status"] == "ok" and record["data"] == "recipe"
+    assert record["tokens_per_s_per_gpu"] > 0
+    # The tokenizer's 512 pieces padded to a multiple of 64: the LM head of a 512-row vocabulary.
+    assert record["flops"]["forward_per_token_by_component"]["lm_head"] == 2 * 128 * 512
+
+
+def test_failing_case_is_recorded_not_raised():
+    from megatron_emo.benchmark.cases import Case
+    from megatron_emo.benchmark.runner import run_case
+    from megatron_emo.recipes import get_recipe
+    from megatron_emo.training.distributed import Runtime
+
+    def build(*args):
+        raise RuntimeError("out of memory, say")
+
+    runtime = Runtime(device=torch.device("cpu"), rank=0, world_size=1, data_parallel_rank=0, data_parallel_size=1)
+    record = run_case(Case("broken", "fails to build", build), get_recipe("tiny"), runtime, None, vocab_size=64,
+                      eos_id=2, warmup=1, steps=1, profile_steps=0, progress=lambda message: None)
+    assert record["status"] == "failed" and record["error"] == "RuntimeError: out of memory, say"
+    assert "raise RuntimeError" in record["traceback"]
+
+
+def test_timeline_attributes_moe_gaps_to_dispatch_and_combine():
+    timeline = Timeline(on_gpu=False)
+    seen = []
+
+    def step(action, label, **kwargs):
+        getattr(timeline, action)(label, **kwargs)
+        seen.append(timeline.current())
+
+    # Forward: router, then dispatch, experts, combine, shared expert; backward in reverse, the
+    # combine's gradient first.
+    step("enter", "moe", backward=False)
+    step("enter", "router", backward=False)
+    step("exit", "router")
+    step("enter", "experts", backward=False)
+    step("exit", "experts")
+    step("enter", "shared_expert", backward=False)
+    step("exit", "shared_expert")
+    step("exit", "moe")
+    step("enter", "moe", backward=True)
+    step("enter", "experts", backward=True)
+    step("exit", "experts")
+    step("enter", "router", backward=True)
+    step("exit", "router")
+    step("exit", "moe")
+    assert seen == ["dispatch", "router", "dispatch", "experts", "combine", "shared_expert", "combine", "other",
+                    "combine", "experts", "dispatch", "router", "dispatch", "other"]
+
+
+def test_loop_router_routes_as_the_reference():
+    loop_router = _load_tool("loop_router")
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 12, generator=generator, dtype=torch.float64)
+    segment_ids = torch.tensor([0] * 7 + [1] * 13 + [2] * 1 + [3] * 19)
+    pool_sizes = torch.tensor([3, 12, 5, 8] + [0] * 36)
+    for pools in (pool_sizes, None):
+        expected = reference.route(logits, segment_ids, pools, 3, return_logsumexp=True)
+        got = loop_router.per_document_loop_route(logits, segment_ids, pools, 3, return_logsumexp=True)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
+
+
+def test_synthetic_documents():
+    data = SyntheticDocuments(seq_length=50, vocab_size=100, eos_id=2, docs_per_row=6, seed=1)
+    sample = data[7]
+    assert int((sample["tokens"][1:] == 2).sum()) == 5 and int(sample["tokens"].min()) >= 2
+    assert torch.equal(sample["tokens"][1:], sample["labels"][:-1])
+    assert torch.equal(data[7]["tokens"], sample["tokens"]) and not torch.equal(data[8]["tokens"], sample["tokens"])
+    with pytest.raises(ValueError, match="docs_per_row=60"):
+        SyntheticDocuments(seq_length=50, vocab_size=100, eos_id=2, docs_per_row=60)
+
+
+def test_proxy_recipe_flops_by_hand():
+    from megatron_emo.recipes import get_recipe
+
+    config = get_recipe("proxy_1gpu").emo_config(vocab_size=100_352, eos_token_id=3, on_gpu=False)
+    # h 2048, 16 heads of 128, s 4096, 127 routed top-7 + 1 shared of 1024, 3 layers, V 100,352.
+    layer = 2 * 2048 * (3 * 2048) + 2 * 2048 * 2048 + 4 * 4096 * 2048 + 2 * 2048 * 127 + 8 * 3 * 2 * 2048 * 1024
+    expected = 3 * (3 * layer + 2 * 2048 * 100_352)
+    assert training_flops_per_token(config, seq_length=4096, vocab_size=100_352) == expected

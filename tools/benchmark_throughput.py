@@ -1,0 +1,246 @@
+"""End-to-end training throughput, several models side by side, with honest MFU.
+
+    python tools/benchmark_throughput.py --recipe proxy_1gpu --output benchmarks/results
+
+Trains the recipe for --warmup then --steps timed steps per case and reports tokens/s/GPU,
+TFLOP/s/GPU and MFU (the FLOP formula and the GPU's peak are printed and stored), peak memory,
+and where a step's time goes (attention, router, dispatch, experts, shared expert, combine, LM
+head, optimizer, other; from --profile-steps extra steps with CUDA events at module
+boundaries). Cases:
+
+- ``emo``: our full stack (document-pooled router, fused kernels where present);
+- ``topk``: the same model with plain top-k routing (no pool): the cost of EMO;
+- ``loop-router``: ``emo`` with a per-document Python-loop router in the style of the original
+  EMO implementation (tools/loop_router.py);
+- ``mcore-moe``: megatron-core's own MoE layer in the same GPTModel and attention (GPU only);
+- ``dense``: a dense model with the same active FLOPs per token, the ceiling.
+
+A case that fails is recorded with its error and the run goes on. Writes
+``<date>_<device>_<recipe>_throughput.json`` (one record per case: results, device, versions,
+git commit, recipe, layout; plus the targets) and a ``.png`` chart into --output. Data:
+``synthetic`` (random tokens, --docs-per-row documents per sequence) or the recipe's own.
+``--plot FILE.json`` redraws the chart of an earlier run.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+# Before torch starts CUDA: fewer fragmentation failures for the largest models.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+from megatron_emo.logs import configure_cli_logging, quiet_megatron_warnings  # noqa: E402
+
+quiet_megatron_warnings()
+
+import torch  # noqa: E402
+
+from loop_router import per_document_loop_route  # noqa: E402  (tools/, next to this file)
+from megatron_emo.benchmark import report  # noqa: E402
+from megatron_emo.benchmark.cases import CASES, Case, emo_model  # noqa: E402
+from megatron_emo.benchmark.runner import run_case  # noqa: E402
+from megatron_emo.benchmark.synthetic import SyntheticDocuments  # noqa: E402
+from megatron_emo.config import ConfigError  # noqa: E402
+from megatron_emo.data.gpt_data import build_train_dataset  # noqa: E402
+from megatron_emo.data.tokenizer import padded_vocab_size  # noqa: E402
+from megatron_emo.recipes import apply_override, get_recipe, validate_run  # noqa: E402
+from megatron_emo.routing import router  # noqa: E402
+from megatron_emo.training.cpu_mode import cuda_on_cpu  # noqa: E402
+from megatron_emo.training.distributed import init_model_parallel, init_process_group, shutdown_distributed  # noqa: E402
+from megatron_emo.training.flops import PEAK_BF16_TFLOPS  # noqa: E402
+from megatron_emo.training.loop import resolve_data  # noqa: E402
+from megatron_emo.training.metrics import run_info  # noqa: E402
+
+SYNTHETIC_EOS = 2
+
+LOOP_ROUTER = Case(
+    "loop-router",
+    "emo with a per-document Python-loop router (host syncs), the original implementation's style",
+    emo_model("emo"),
+    patch=lambda: mock.patch.object(router, "route", per_document_loop_route),
+)
+ALL_CASES = {**CASES, "loop-router": LOOP_ROUTER}
+DEFAULT_CASES = "emo,topk,dense,loop-router,mcore-moe"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="proxy_1gpu")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="recipe override, repeatable (as in megatron_emo.train)")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated, of {sorted(ALL_CASES)}")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per case")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
+    parser.add_argument("--profile-steps", type=int, default=1, help="steps for the time breakdown (0: none)")
+    parser.add_argument("--data", choices=["synthetic", "recipe"], default="synthetic")
+    parser.add_argument("--docs-per-row", type=int, default=30, help="documents per synthetic sequence")
+    parser.add_argument("--output", help="directory for the JSON and the chart")
+    parser.add_argument("--plot", metavar="JSON", help="only redraw the chart of an earlier run's JSON")
+    args = parser.parse_args(argv)
+    if args.plot is None and args.output is None:
+        parser.error("--output is required (or --plot)")
+    cases = args.cases.split(",")
+    unknown = [name for name in cases if name not in ALL_CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; choose from {sorted(ALL_CASES)}")
+    if args.warmup < 0 or args.steps < 1 or args.profile_steps < 0:
+        parser.error("--warmup and --profile-steps must be >= 0 and --steps >= 1")
+    args.cases = cases
+    return args
+
+
+def environment(run, config, runtime, args) -> dict:
+    """Device, versions, code and layout: what every record carries."""
+    info = run_info()
+    device = torch.cuda.get_device_name() if runtime.on_gpu else "cpu"
+    try:
+        git = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent)
+        status = git.stdout if git.returncode == 0 else None
+    except OSError:  # no git here: the commit is "unknown" too
+        status = None
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "peak_tflops_table": PEAK_BF16_TFLOPS,
+        "command": " ".join(info["command"]),
+        "python": info["python"],
+        "packages": info["packages"],
+        "git_commit": info["git_commit"],
+        "git_dirty": None if status is None else bool(status.strip()),
+        "recipe": run.name,
+        "run_config": json.loads(json.dumps(dataclasses.asdict(run), default=str)),
+        "layout": {
+            "world_size": runtime.world_size,
+            "data_parallel": runtime.data_parallel_size,
+            "tensor_parallel": config.tensor_model_parallel_size,
+            "pipeline_parallel": config.pipeline_model_parallel_size,
+            "context_parallel": config.context_parallel_size,
+            "expert_parallel": config.expert_model_parallel_size,
+            "expert_tensor_parallel": config.expert_tensor_parallel_size,
+        },
+        "data": args.data if args.data == "recipe" else f"synthetic, {args.docs_per_row} documents per sequence",
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "profile_steps": args.profile_steps,
+        "weights": "N(0, init_method_std) drawn on the device (the trainer's distribution)",
+    }
+
+
+def dataset_for(run, args):
+    """(dataset, vocabulary size, EOS id) of the run's data or of synthetic documents."""
+    tp = run.model.get("tensor_model_parallel_size", 1)
+    divisible, samples = run.gpt.make_vocab_size_divisible_by, (args.warmup + args.steps + args.profile_steps)
+    if args.data == "synthetic":
+        vocab = max(padded_vocab_size(run.data.demo_vocab_size, divisible, tp), run.gpt.min_vocab_size)
+        return SyntheticDocuments(seq_length=run.data.seq_length, vocab_size=vocab, eos_id=SYNTHETIC_EOS,
+                                  docs_per_row=args.docs_per_row), vocab, SYNTHETIC_EOS
+    blend, tokenizer = resolve_data(run)
+    vocab = max(padded_vocab_size(tokenizer.vocab_size, divisible, tp), run.gpt.min_vocab_size)
+    dataset = build_train_dataset(blend, tokenizer, seq_length=run.data.seq_length,
+                                  num_samples=samples * run.data.global_batch_size, seed=run.data.seed,
+                                  split=run.data.split, cache_dir=run.data.cache_dir)
+    return dataset, vocab, tokenizer.eos_id
+
+
+def output_stem(env: dict) -> str:
+    match = re.search(r"[A-Z]+\d{2,3}", env["device"])
+    device = match.group(0).lower() if match else re.sub(r"\W+", "_", env["device"]).lower()
+    return f"{env['date']}_{device}_{env['recipe']}_throughput"
+
+
+def benchmark(run, args) -> tuple[list[dict], dict]:
+    init_process_group()
+    dataset, vocab, eos = dataset_for(run, args)
+    config = run.emo_config(vocab_size=vocab, eos_token_id=eos, on_gpu=torch.cuda.is_available())
+    runtime = init_model_parallel(config, seed=run.train.seed)
+    log = print if runtime.rank == 0 else (lambda *a, **k: None)
+    env = environment(run, config, runtime, args)
+    log(f"{run.name} on {env['device']} x{runtime.world_size}: {run.data.global_batch_size} x "
+        f"{run.data.seq_length} tokens per step, vocab {vocab}; cases {', '.join(args.cases)}", flush=True)
+    records = []
+    for name in args.cases:
+        case = ALL_CASES[name]
+        log(f"[{name}] {case.description}", flush=True)
+        record = run_case(case, run, runtime, dataset, vocab_size=vocab, eos_id=eos, warmup=args.warmup,
+                          steps=args.steps, profile_steps=args.profile_steps,
+                          progress=lambda message, name=name: log(f"[{name}] {message}", flush=True))
+        status = record.get("error") or f"{record['tokens_per_s_per_gpu']:.0f} tokens/s/GPU"
+        log(f"[{name}] {record['status']}: {status}", flush=True)
+        records.append({**record, **env})
+    report.add_ratios(records)
+    return records, env
+
+
+def write_outputs(records: list[dict], env: dict, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = directory / output_stem(env)
+    results = {"records": records, "targets": report.targets(records)}
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    print(f"wrote {stem.with_suffix('.json')}")
+    plot(results, stem.with_suffix(".png"))
+
+
+def plot(results: dict, path: Path) -> None:
+    records = results["records"]
+    first = records[0]
+    title = (f"{first['recipe']} on {first['device']}, {first['date']}, commit {str(first['git_commit'])[:10]}"
+             f"{' (dirty)' if first['git_dirty'] else ''}")
+    try:
+        report.draw_chart(records, path, title)
+        print(f"wrote {path}")
+    except ImportError as error:  # the JSON is the result; the chart can be redrawn with --plot
+        print(f"chart not drawn ({error}); redraw it with --plot on a machine with matplotlib")
+
+
+def print_summary(records: list[dict]) -> None:
+    ok = [r for r in records if r["status"] == "ok"]
+    if ok:
+        flops = ok[0]["flops"]
+        forward = ", ".join(f"{k} {v / 1e9:.3f}" for k, v in flops["forward_per_token_by_component"].items())
+        print(f"FLOPs per token ({ok[0]['case']}): {flops['training_per_token'] / 1e9:.3f} G training = 3 x forward "
+              f"[{forward}] GFLOP ({flops['formula']}); MFU against {ok[0]['peak_tflops'] or 'no known'} TFLOP/s")
+    print(report.table(records))
+    for target in report.targets(records):
+        value = "-" if target["value"] is None else f"{target['value']:.3f}"
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
+        print(f"target {target['target']} >= {target['at_least']}: {value} ({verdict})")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        return 0
+    configure_cli_logging()
+    try:
+        run = get_recipe(args.recipe)
+        for assignment in args.overrides:
+            apply_override(run, assignment)
+        validate_run(run)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    on_gpu = torch.cuda.is_available()
+    with contextlib.nullcontext() if on_gpu else cuda_on_cpu():
+        try:
+            records, env = benchmark(run, args)
+        finally:
+            shutdown_distributed()
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 reports
+    print_summary(records)
+    write_outputs(records, env, Path(args.output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Per-GPU memory of a recipe on a parallel layout: weights, gradients, optimizer states and
+activations (without recomputation, selective, full), for every pipeline stage.
+
+    python tools/estimate_memory.py --recipe emo_1b14b --world-size 8 --set model.expert_model_parallel_size=8 \\
+        --set data.micro_batch_size=1
+    python tools/estimate_memory.py --recipe emo_1b14b --world-size 64 --set model.tensor_model_parallel_size=2 \\
+        --set model.sequence_parallel=True --set model.expert_model_parallel_size=8 --json
+
+``--set`` takes the same overrides as ``python -m megatron_emo.train``. The formulas are in
+megatron_emo/parallel/memory.py. A layout that cannot run, or does not fit GPUs of
+``--gpu-memory-gib`` keeping ``--reserve-gib`` free (CUDA context, NCCL buffers, allocator
+fragmentation), is refused with the reason.
+
+Exit codes: 0 fits; 2 impossible layout or bad setting; 3 does not fit.
+"""
+
+import argparse
+import json
+import sys
+import warnings
+
+from megatron_emo.logs import quiet_megatron_warnings
+
+quiet_megatron_warnings()
+# The router computes in fp32 whatever megatron-core's moe_router_dtype says.
+warnings.filterwarnings("ignore", message="Using a large number of experts")
+
+from megatron_emo.config import ConfigError
+from megatron_emo.parallel.memory import GiB, RECOMPUTE_SETTINGS, estimate_memory
+from megatron_emo.recipes import RECIPES, apply_override, get_recipe
+
+EXIT_BAD_INPUT = 2
+EXIT_DOES_NOT_FIT = 3
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--world-size", type=int, required=True, help="GPUs of the job")
+    parser.add_argument("--vocab-size", type=int,
+                        help="the tokenizer's vocabulary (default: data.tokenizer_model's, else data.demo_vocab_size)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
+    parser.add_argument("--reserve-gib", type=float, default=6.0,
+                        help="kept free for the CUDA context, NCCL and fragmentation (default 6)")
+    parser.add_argument("--json", action="store_true", help="print the estimate as JSON (bytes) instead of a table")
+    return parser.parse_args(argv)
+
+
+def tokenizer_vocab_size(run) -> int:
+    """The vocabulary training would see: its tokenizer's, or the demo tokenizer's size."""
+    if not run.data.tokenizer_model:
+        return run.data.demo_vocab_size
+    from megatron_emo.data.tokenizer import Tokenizer
+
+    return Tokenizer(run.data.tokenizer_model).vocab_size
+
+
+def table(estimate) -> str:
+    layout, worst = estimate.layout, estimate.worst()
+    columns = ["stage", "layers", "params B", "weights", "grads", "optimizer"]
+    columns += [f"act {setting}" for setting in RECOMPUTE_SETTINGS] + [f"total ({estimate.recompute})"]
+    rows = [
+        [stage.stage, stage.layers, f"{stage.params / 1e9:.2f}"]
+        + [f"{value / GiB:.1f}" for value in (stage.weights, stage.grads, stage.optimizer)]
+        + [f"{stage.activations[setting] / GiB:.1f}" for setting in RECOMPUTE_SETTINGS]
+        + [f"{stage.total(estimate.recompute) / GiB:.1f}"]
+        for stage in estimate.stages
+    ]
+    widths = [len(column) for column in columns]
+    return "\n".join([
+        f"{estimate.recipe} on {layout.world_size} GPUs: {layout.describe()}",
+        f"model: {estimate.model_params / 1e9:.2f} B parameters (+{estimate.padding_params / 1e9:.3f} B of "
+        f"padding experts); one layer stores {sum(estimate.layer_activations.values()) / GiB:.2f} GiB of "
+        "activations per micro-batch without recomputation",
+        "GiB per GPU; activations: peak with each recompute setting",
+        "  ".join(columns),
+        *("  ".join(f"{value:>{width}}" for value, width in zip(row, widths)) for row in rows),
+        f"peak: {worst.total(estimate.recompute) / GiB:.1f} GiB on stage {worst.stage}",
+    ])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run = get_recipe(args.recipe)
+        for assignment in args.overrides:
+            apply_override(run, assignment)
+        vocab_size = args.vocab_size or tokenizer_vocab_size(run)
+        estimate = estimate_memory(run, world_size=args.world_size, vocab_size=vocab_size)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: impossible layout or setting: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    refusal = estimate.refusal(int(args.gpu_memory_gib * GiB), int(args.reserve_gib * GiB))
+    if args.json:
+        print(json.dumps({**estimate.to_json(), "gpu_memory_gib": args.gpu_memory_gib,
+                          "reserve_gib": args.reserve_gib, "fits": refusal is None, "refusal": refusal}, indent=2))
+    else:
+        print(table(estimate))
+    if refusal:
+        print(f"error: does not fit: {refusal}", file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
+    if not args.json:
+        print(f"fits in {args.gpu_memory_gib:g} GiB GPUs with {args.reserve_gib:g} GiB kept free")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
