@@ -8,6 +8,7 @@ type, and unknown names fail with the list of valid ones.
 
 import ast
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -77,6 +78,9 @@ class TrainConfig:
     output_dir: str = "runs/default"
     """Tokenizer, metrics (metrics.jsonl) and TensorBoard logs go here."""
     tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    """Also log the TensorBoard scalars and the run config to this Weights & Biases project
+    (None: off; needs ``pip install wandb``)."""
     save: bool = True
     """Write checkpoints to ``output_dir/checkpoints`` (every ``save_interval`` steps, at the end,
     and on SIGTERM/SIGUSR1)."""
@@ -316,3 +320,11 @@ def validate_run(run: RunConfig) -> None:
         )
     if train.log_interval < 1:
         raise ConfigError(f"train.log_interval={train.log_interval} must be at least 1")
+    if train.wandb_project is not None and not train.wandb_project:
+        raise ConfigError("train.wandb_project='' must name a Weights & Biases project, or be None (off)")
+    # Found (not imported) here, so a missing package fails before any work, on every rank.
+    if train.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"train.wandb_project={train.wandb_project!r} needs the wandb package: pip install wandb "
+            "(or leave train.wandb_project=None)"
+        )

@@ -25,7 +25,7 @@ from megatron_emo.parallel.grads import finalize_cpu_grads
 from megatron_emo.recipes import RunConfig
 from megatron_emo.training.distributed import Runtime
 from megatron_emo.training.flops import forward_flops_per_token, peak_tflops
-from megatron_emo.training.loop import _forward_backward, _mean_loss, _wrap_for_gpu, forward_step
+from megatron_emo.training.loop import forward_backward_step, mean_loss, wrap_for_gpu, forward_step
 from megatron_emo.training.optimizer import cpu_stepper, gpu_stepper
 
 
@@ -54,7 +54,7 @@ def _measure(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_siz
     # As the trainer sets them up (megatron_emo.training.loop), weights drawn before the
     # optimizer copies them.
     if runtime.on_gpu:
-        model = _wrap_for_gpu(model, config)
+        model = wrap_for_gpu(model, config)
         init_weights(model, config.init_method_std)
         stepper = gpu_stepper(model, config, run.optim, run.train.steps)
         config.grad_scale_func = stepper.optimizer.scale_loss
@@ -71,9 +71,9 @@ def _measure(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_siz
     losses = []
 
     def train_step(step: int, timeline: Timeline | None = None) -> None:
-        outputs = _forward_backward(step, model, stepper, forward_backward, step_function, dataset, run,
+        outputs = forward_backward_step(step, model, stepper, forward_backward, step_function, dataset, run,
                                     runtime, num_microbatches)
-        losses.append(_mean_loss(outputs, runtime))
+        losses.append(mean_loss(outputs, runtime))
         with timeline.span("optimizer") if timeline else contextlib.nullcontext():
             _, applied = stepper.step()
         if applied:

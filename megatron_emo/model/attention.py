@@ -15,14 +15,20 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 
+def attention_ids(document_ids: torch.Tensor) -> torch.Tensor:
+    """Attention document of every position: the router ids ``[b, s]`` shifted one right, so an
+    EOS closes its document."""
+    return torch.cat([document_ids[:, :1], document_ids[:, :-1]], dim=1)
+
+
 def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     """bool ``[b, 1, s, s]``: query i sees key j iff j <= i and both are in one document.
 
     Args:
         document_ids: int ``[b, s]`` router segment ids (a segment starts at its EOS).
     """
-    attention_ids = torch.cat([document_ids[:, :1], document_ids[:, :-1]], dim=1)
-    same_document = attention_ids[:, :, None] == attention_ids[:, None, :]
+    ids = attention_ids(document_ids)
+    same_document = ids[:, :, None] == ids[:, None, :]
     seq_len = document_ids.shape[1]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=document_ids.device).tril()
     return (same_document & causal)[:, None]

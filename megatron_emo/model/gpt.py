@@ -19,8 +19,10 @@ def build_gpt_model(
     share_embeddings: bool = False,
     block_spec: Optional[TransformerBlockSubmodules] = None,
     vocab_size: Optional[int] = None,
+    vp_stage: Optional[int] = None,
 ) -> GPTModel:
-    """One pipeline stage of the model, on the CPU (move it with ``.cuda()``).
+    """One pipeline stage of the model (or virtual stage ``vp_stage`` of it), on the CPU (move it
+    with ``.cuda()``).
 
     The vocabulary is ``config.emo_vocab_size`` (already padded); RoPE over the full head.
     ``block_spec`` and ``vocab_size`` replace the EMO layers and the config's vocabulary (for
@@ -28,12 +30,23 @@ def build_gpt_model(
     """
     return GPTModel(
         config=config,
-        transformer_layer_spec=block_spec or emo_block_spec(config),
+        transformer_layer_spec=block_spec or emo_block_spec(config, vp_stage),
         vocab_size=vocab_size or config.emo_vocab_size,
         max_sequence_length=max_sequence_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=share_embeddings,
         position_embedding_type="rope",
         rotary_base=rotary_base,
+        vp_stage=vp_stage,
     )
+
+
+def build_model_chunks(config: EmoConfig, **kwargs) -> list[GPTModel]:
+    """This rank's model chunks: its pipeline stage, or one chunk per virtual stage under the
+    interleaved schedule (``virtual_pipeline_model_parallel_size``). ``kwargs`` as
+    :func:`build_gpt_model`."""
+    virtual_stages = config.virtual_pipeline_model_parallel_size
+    if virtual_stages is None:
+        return [build_gpt_model(config, **kwargs)]
+    return [build_gpt_model(config, vp_stage=stage, **kwargs) for stage in range(virtual_stages)]

@@ -1,5 +1,7 @@
 """The one place that plugs megatron_emo into megatron-core's module specs."""
 
+from typing import Optional
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -41,9 +43,9 @@ def emo_layer_spec() -> ModuleSpec:
     )
 
 
-def emo_block_spec(config: EmoConfig) -> TransformerBlockSubmodules:
-    """This pipeline stage's layers, all MoE, then the final RMSNorm (megatron-core builds as
-    many layers as the block spec lists)."""
+def emo_block_spec(config: EmoConfig, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+    """This pipeline stage's (or virtual stage's) layers, all MoE, then the final RMSNorm
+    (megatron-core builds as many layers as the block spec lists)."""
     return TransformerBlockSubmodules(
-        layer_specs=[emo_layer_spec()] * get_num_layers_to_build(config), layer_norm=RMSNorm
+        layer_specs=[emo_layer_spec()] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=RMSNorm
     )

@@ -126,10 +126,16 @@ def check_layout(config, world_size: int) -> None:
             f"tensor_model_parallel_size={tp}"
         )
     stage_layers = (config.num_layers_in_first_pipeline_stage, config.num_layers_in_last_pipeline_stage)
-    if pp > 1 and stage_layers == (None, None) and config.num_layers % pp:
+    vp = config.virtual_pipeline_model_parallel_size or 1
+    if pp > 1 and stage_layers == (None, None) and config.num_layers % (pp * vp):
         raise ConfigError(
             f"num_layers={config.num_layers} cannot be split evenly over "
-            f"pipeline_model_parallel_size={pp} stages: choose PP dividing the layers, or set "
-            "num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage for an "
-            "uneven split"
+            f"pipeline_model_parallel_size={pp} x virtual_pipeline_model_parallel_size={vp} "
+            "stages: choose stages dividing the layers, or set num_layers_in_first_pipeline_stage / "
+            "num_layers_in_last_pipeline_stage for an uneven split"
+        )
+    if vp > 1 and pp == 1:
+        raise ConfigError(
+            f"virtual_pipeline_model_parallel_size={vp} needs pipeline parallelism: set "
+            "pipeline_model_parallel_size > 1 or leave virtual_pipeline_model_parallel_size unset"
         )

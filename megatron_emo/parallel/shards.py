@@ -93,37 +93,49 @@ def _expert_tp_coordinates() -> tuple[int, int]:
     )
 
 
-def _layer_prefixes(model: torch.nn.Module) -> dict[str, str]:
+def chunks_of(model) -> list[torch.nn.Module]:
+    """A rank's model as a list of its pipeline chunks (one, or one per virtual stage)."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _strip_wrappers(name: str) -> str:
+    return re.sub(r"^(module\.)+", "", name)
+
+
+def _layer_prefixes(chunk: torch.nn.Module) -> dict[str, str]:
     """Local ``decoder.layers.i.`` prefix → global ``decoder.layers.(layer_number - 1).``."""
     prefixes = {}
-    for name, module in model.named_modules():
+    for name, module in chunk.named_modules():
         if isinstance(module, TransformerLayer):
-            local = re.sub(r"^(module\.)+", "", name) + "."
+            local = _strip_wrappers(name) + "."
             prefixes[local] = re.sub(r"\.\d+\.$", f".{module.layer_number - 1}.", local)
     return prefixes
 
 
-def shard_specs(model: torch.nn.Module, config) -> dict[str, ShardSpec]:
-    """Local parameter name (wrappers' ``module.`` prefixes stripped) → its :class:`ShardSpec`."""
-    prefixes = _layer_prefixes(model)
-    specs = {}
-    for name, param in model.named_parameters():
-        local = re.sub(r"^(module\.)+", "", name)
-        full_name = local
-        for prefix, global_prefix in prefixes.items():
-            if local.startswith(prefix):
-                full_name = global_prefix + local[len(prefix):]
-                break
-        if local.endswith(ROUTED_FC1):
-            specs[local] = ShardSpec(full_name, tp_dim=2, glu=True, expert=True)
-        elif local.endswith(ROUTED_FC2):
-            specs[local] = ShardSpec(full_name, tp_dim=1, expert=True)
-        elif getattr(param, "tensor_model_parallel", False):
-            glu = config.gated_linear_unit and local.endswith("linear_fc1.weight")
-            specs[local] = ShardSpec(full_name, tp_dim=param.partition_dim, glu=glu)
-        else:
-            specs[local] = ShardSpec(full_name)
-    return specs
+def parameter_shards(model, config) -> list[tuple[torch.nn.Parameter, ShardSpec]]:
+    """Every parameter of this rank (all pipeline chunks of ``model``, a module or a list of
+    them, wrappers' ``module.`` prefixes ignored) with its :class:`ShardSpec`."""
+    shards = []
+    for chunk in chunks_of(model):
+        prefixes = _layer_prefixes(chunk)
+        for name, param in chunk.named_parameters():
+            local = _strip_wrappers(name)
+            full_name = local
+            for prefix, global_prefix in prefixes.items():
+                if local.startswith(prefix):
+                    full_name = global_prefix + local[len(prefix):]
+                    break
+            if local.endswith(ROUTED_FC1):
+                spec = ShardSpec(full_name, tp_dim=2, glu=True, expert=True)
+            elif local.endswith(ROUTED_FC2):
+                spec = ShardSpec(full_name, tp_dim=1, expert=True)
+            elif getattr(param, "tensor_model_parallel", False):
+                glu = config.gated_linear_unit and local.endswith("linear_fc1.weight")
+                spec = ShardSpec(full_name, tp_dim=param.partition_dim, glu=glu)
+            else:
+                spec = ShardSpec(full_name)
+            shards.append((param, spec))
+    return shards
 
 
 def _coordinates() -> dict[str, int]:
@@ -138,12 +150,12 @@ def _coordinates() -> dict[str, int]:
 
 
 def full_tensors(
-    model: torch.nn.Module, config, tensor_of: Callable[[str, torch.nn.Parameter], Optional[torch.Tensor]]
+    model, config, tensor_of: Callable[[torch.nn.Parameter], Optional[torch.Tensor]]
 ) -> Optional[dict[str, torch.Tensor]]:
-    """Join ``tensor_of(local_name, param)`` of every rank into one-process tensors on rank 0.
+    """Join ``tensor_of(param)`` of every rank into one-process tensors on rank 0.
 
     Args:
-        model: this rank's model (stage and shards).
+        model: this rank's model (a module or its list of pipeline chunks).
         config: its EmoConfig.
         tensor_of: the tensor to join for a parameter (the parameter itself, its ``.grad``,
             an optimizer moment...); None leaves the parameter out.
@@ -152,16 +164,13 @@ def full_tensors(
         On rank 0 ``{full name: tensor}`` (CPU, float dtype of the pieces); None elsewhere.
         Every rank must call it (it gathers over the whole world).
     """
-    specs = shard_specs(model, config)
     coords = _coordinates()
-    pieces = {}
-    for name, param in model.named_parameters():
-        local = re.sub(r"^(module\.)+", "", name)
-        spec = specs[local]
+    pieces = []
+    for param, spec in parameter_shards(model, config):
         first_replica = coords["expert_replica" if spec.expert else "dense_replica"] == 0
-        tensor = tensor_of(local, param)
+        tensor = tensor_of(param)
         if first_replica and tensor is not None:
-            pieces[local] = (spec, tensor.detach().cpu())
+            pieces.append((spec, tensor.detach().cpu()))
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object((coords, pieces), gathered, dst=0)
     if gathered is None:
@@ -172,7 +181,7 @@ def full_tensors(
 def _join(gathered: list, config) -> dict[str, torch.Tensor]:
     by_name: dict[str, dict] = {}
     for coords, pieces in gathered:
-        for spec, tensor in pieces.values():
+        for spec, tensor in pieces:
             entry = by_name.setdefault(spec.full_name, {"spec": spec, "parts": {}})
             entry["parts"][(coords["ep"] if spec.expert else 0, coords["tp"] if spec.tp_dim is not None else 0)] = tensor
     full = {}
@@ -189,15 +198,15 @@ def _join(gathered: list, config) -> dict[str, torch.Tensor]:
     return full
 
 
-def local_tensors(model: torch.nn.Module, config, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This rank's slices of one-process tensors: ``{local name: tensor}`` for every parameter
-    whose full name is in ``full`` (padding experts zero)."""
+def local_tensors(model, config, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's slices of one-process tensors: ``{full name: tensor}`` for every parameter
+    of this rank whose full name is in ``full`` (padding experts zero)."""
     coords = _coordinates()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     ep_size = parallel_state.get_expert_model_parallel_world_size()
     layout = ExpertLayout(config.num_routed_experts, ep_size, coords["ep"])
     result = {}
-    for local, spec in shard_specs(model, config).items():
+    for _, spec in parameter_shards(model, config):
         if spec.full_name not in full:
             continue
         tensor = full[spec.full_name]
@@ -208,20 +217,21 @@ def local_tensors(model: torch.nn.Module, config, full: dict[str, torch.Tensor])
             tensor = tensor[layout.first_local : layout.first_local + layout.num_local]
         if spec.tp_dim is not None:
             tensor = tp_slice(tensor, spec.tp_dim, coords["tp"], tp_size, spec.glu)
-        result[local] = tensor
+        result[spec.full_name] = tensor
     return result
 
 
-def load_full_weights(model: torch.nn.Module, config, full: dict[str, torch.Tensor]) -> None:
+def load_full_weights(model, config, full: dict[str, torch.Tensor]) -> None:
     """Copy one-process weights into this rank's parameters (every parameter must be there)."""
-    params = {re.sub(r"^(module\.)+", "", name): p for name, p in model.named_parameters()}
     values = local_tensors(model, config, full)
-    missing = sorted(set(params) - set(values))
+    shards = parameter_shards(model, config)
+    missing = sorted(spec.full_name for _, spec in shards if spec.full_name not in values)
     if missing:
         raise KeyError(f"the weights lack {len(missing)} parameter(s) of this model, e.g. {missing[:3]}")
     with torch.no_grad():
-        for local, value in values.items():
-            if params[local].shape != value.shape:
-                raise ValueError(f"{local}: this rank's shard is {tuple(params[local].shape)}, the weights give {tuple(value.shape)}")
-            params[local].copy_(value)
-
+        for param, spec in shards:
+            value = values[spec.full_name]
+            if param.shape != value.shape:
+                raise ValueError(f"{spec.full_name}: this rank's shard is {tuple(param.shape)}, "
+                                 f"the weights give {tuple(value.shape)}")
+            param.copy_(value)

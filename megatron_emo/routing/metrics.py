@@ -31,13 +31,22 @@ class RoutingMetrics:
         self.num_microbatches += 1
 
     def read(self) -> dict:
-        """Means over the recorded micro-batches as Python floats (one host sync), then reset."""
+        """Means over the recorded micro-batches as Python floats (one host sync), then reset.
+
+        Keys: ``lb_loss``, ``z_loss``, ``pool_experts`` (means per micro-batch);
+        ``load_max_over_mean`` (the busiest routed expert's share of this rank's top-k slots
+        against an even share) and ``unused_experts`` (the fraction of routed experts that got no
+        token), both from the counts summed over the micro-batches, i.e. over the whole step.
+        """
         if self.num_microbatches == 0:
             return {}
         n = self.num_microbatches
         load = self.counts / self.counts.sum().clamp(min=1) * self.num_experts
+        # The unused fraction comes from the summed counts inside the same stack: still one sync.
+        unused = (self.counts == 0).float().mean()
         stats = torch.stack(
-            [self.lb_loss / n, self.z_loss / n, load.max(), self.pool_experts / n]
+            [self.lb_loss / n, self.z_loss / n, load.max(), self.pool_experts / n, unused]
         ).tolist()
         self.reset()
-        return dict(zip(("lb_loss", "z_loss", "load_max_over_mean", "pool_experts"), stats))
+        keys = ("lb_loss", "z_loss", "load_max_over_mean", "pool_experts", "unused_experts")
+        return dict(zip(keys, stats))

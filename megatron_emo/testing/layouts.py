@@ -18,7 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_emo.config import EmoConfig
-from megatron_emo.model.gpt import build_gpt_model
+from megatron_emo.model.gpt import build_model_chunks
 from megatron_emo.parallel.grads import finalize_cpu_grads
 from megatron_emo.parallel.shards import full_tensors, load_full_weights
 from megatron_emo.recipes import OptimConfig
@@ -83,7 +83,8 @@ def _record_routes(model, routes: dict, sample_index: list):
             for row, sample in enumerate(sample_index[0].tolist()):
                 routes[(kind, router.layer_number, sample)] = per_sample[row].clone()
 
-    return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, DocumentPooledRouter)]
+    return [m.register_forward_hook(hook) for chunk in model for m in chunk.modules()
+            if isinstance(m, DocumentPooledRouter)]
 
 
 def run_layout(rank: int, world_size: int, layout: dict, micro_batch_size: int, tokens: torch.Tensor,
@@ -107,10 +108,10 @@ def run_layout(rank: int, world_size: int, layout: dict, micro_batch_size: int, 
 def _train(config, micro_batch_size, tokens, weights, steps):
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
     seq_length = tokens.shape[1] - 1
-    model = build_gpt_model(config, max_sequence_length=seq_length, rotary_base=10_000)
+    model = build_model_chunks(config, max_sequence_length=seq_length, rotary_base=10_000)
     if weights is not None:
         load_full_weights(model, config, weights)
-    initial = full_tensors(model, config, lambda name, param: param)
+    initial = full_tensors(model, config, lambda param: param)
     config.finalize_model_grads_func = finalize_cpu_grads
     stepper = cpu_stepper(model, OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0), steps)
     routes, sample_index, grads, losses = {}, [None], None, []
@@ -124,12 +125,14 @@ def _train(config, micro_batch_size, tokens, weights, steps):
             yield batch
 
     for step in range(steps):
-        model.train()
+        for chunk in model:
+            chunk.train()
         stepper.zero_grad()
+        iterators = [batches(step) for _ in model]
         outputs = get_forward_backward_func()(
             forward_step_func=functools.partial(forward_step, EOS, ROUTING_SEED, step),
-            data_iterator=batches(step),
-            model=[model],
+            data_iterator=iterators if len(model) > 1 else iterators[0],
+            model=model,
             num_microbatches=num_microbatches,
             seq_length=seq_length,
             micro_batch_size=micro_batch_size,
@@ -137,7 +140,7 @@ def _train(config, micro_batch_size, tokens, weights, steps):
         )
         losses.append(_step_loss(outputs))
         if step == 0:
-            grads = full_tensors(model, config, lambda name, param: param.grad)
+            grads = full_tensors(model, config, lambda param: param.grad)
             for hook in hooks:
                 hook.remove()
         stepper.step()

@@ -3,7 +3,6 @@
 Layout under ``<output_dir>/checkpoints/``::
 
     step_00000200/state.pt        model, optimizer, LR scheduler, step, RNG states
-    step_00000200/optimizer_parameters.pt  (GPU) the distributed optimizer's moments
     step_00000200/run_config.json the run the checkpoint was trained with
     step_00000200/tokenizer.model the tokenizer it was trained with
     step_00000200/manifest.json   size and SHA-256 of every file, written last
@@ -19,9 +18,8 @@ step, and pools are hashed from the step, so restoring the step resumes at the e
 
 Any layout saves and loads: ``state.pt`` holds the one-process form of the weights and, on the
 CPU, of the AdamW moments (:mod:`megatron_emo.training.full_state`); rank 0 gathers and writes,
-every rank loads its slice. On GPU the optimizer is megatron-core's distributed optimizer, whose
-moments and fp32 main weights go to ``optimizer_parameters.pt``; GPU checkpoints are written by
-single-rank runs (multi-rank GPU runs need megatron-core's sharded checkpoints, not written yet).
+every rank loads its slice. GPU checkpoints hold megatron-core's optimizer state and are written
+by single-GPU runs (multi-GPU runs need megatron-core's sharded checkpoints, not written yet).
 """
 
 import dataclasses
@@ -31,12 +29,12 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_emo.parallel.shards import load_full_weights
+from megatron_emo.parallel.shards import chunks_of, load_full_weights
 from megatron_emo.training.full_state import (
     full_optimizer_state,
     full_parameter_shapes,
@@ -47,7 +45,6 @@ from megatron_emo.training.full_state import (
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
-OPTIMIZER_PARAMETERS = "optimizer_parameters.pt"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TOKENIZER_FILE = "tokenizer.model"
@@ -92,11 +89,9 @@ def _rng_state() -> dict:
     return state
 
 
-def write_checkpoint(final: Path, state: dict, run, tokenizer_file: Optional[Path] = None,
-                     write_extra: Optional[Callable[[Path], None]] = None) -> Path:
-    """Write ``state`` (with the run config, tokenizer, what ``write_extra(folder)`` adds, and
-    the manifest) as the folder ``final``, atomically: into a temporary folder, flushed, then
-    renamed."""
+def write_checkpoint(final: Path, state: dict, run, tokenizer_file: Optional[Path] = None) -> Path:
+    """Write ``state`` (with the run config, tokenizer and manifest) as the folder ``final``,
+    atomically: into a temporary folder, flushed, then renamed."""
     tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -107,8 +102,6 @@ def write_checkpoint(final: Path, state: dict, run, tokenizer_file: Optional[Pat
     _write_json(tmp / "run_config.json", dataclasses.asdict(run))
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-    if write_extra is not None:
-        write_extra(tmp)
     files = sorted(p.name for p in tmp.iterdir())
     _write_json(tmp / MANIFEST, {name: {"bytes": (tmp / name).stat().st_size,
                                         "sha256": _sha256(tmp / name)} for name in files})
@@ -130,14 +123,8 @@ def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, run,
     part (rank 0 gathers the one-process state and writes; the others wait for it)."""
     final = root / checkpoint_name(step)
     weights = full_weights(model)
-    if _is_cpu_optimizer(optimizer):
-        optimizer_state, write_extra = full_optimizer_state(model, optimizer), None
-    else:
-        # megatron-core's distributed optimizer keeps its moments and fp32 main weights apart.
-        optimizer_state = optimizer.state_dict()
-
-        def write_extra(folder: Path) -> None:
-            optimizer.save_parameter_state(str(folder / OPTIMIZER_PARAMETERS))
+    # On GPU (one rank) megatron-core's optimizer state, fp32 main weights included.
+    optimizer_state = full_optimizer_state(model, optimizer) if _is_cpu_optimizer(optimizer) else optimizer.state_dict()
     if dist.get_rank() == 0:
         state = {
             "step": step,
@@ -146,7 +133,7 @@ def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, run,
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
         }
-        write_checkpoint(final, state, run, tokenizer_file, write_extra)
+        write_checkpoint(final, state, run, tokenizer_file)
         pointer = root / f"{TMP_PREFIX}{LATEST}"
         pointer.write_text(final.name + "\n")
         os.replace(pointer, root / LATEST)
@@ -222,7 +209,7 @@ def load_weights(path: Path, model) -> dict:
     verify_checkpoint(path)
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     _check_fits(model, state["model"], path)
-    load_full_weights(model, model.config, state["model"])
+    load_full_weights(model, chunks_of(model)[0].config, state["model"])
     return state
 
 
@@ -242,7 +229,6 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> int:
         load_full_optimizer_state(model, optimizer, state["optimizer"])
     else:
         optimizer.load_state_dict(state["optimizer"])
-        optimizer.load_parameter_state(str(path / OPTIMIZER_PARAMETERS))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():

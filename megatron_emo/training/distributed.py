@@ -61,16 +61,21 @@ def init_model_parallel(config: EmoConfig, *, seed: int) -> Runtime:
     """
     world_size = dist.get_world_size()
     check_layout(config, world_size)
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        # gloo's batched send/recv pairs the interleaved schedule's concurrent transfers with
+        # the wrong micro-batches; one operation at a time is exact.
+        config.batch_p2p_comm = False
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=config.tensor_model_parallel_size,
         pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=config.virtual_pipeline_model_parallel_size,
         context_parallel_size=config.context_parallel_size,
         expert_model_parallel_size=config.expert_model_parallel_size,
         expert_tensor_parallel_size=config.expert_tensor_parallel_size,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
-    on_gpu = torch.cuda.is_available()
     return Runtime(
         device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"),
         rank=dist.get_rank(),

@@ -14,6 +14,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset
 
 from megatron_emo.data.gpt_data import gpt_dataset_config
+from megatron_emo.parallel.shards import chunks_of
 
 
 def build_validation_datasets(blend, tokenizer, *, num_samples: int, run) -> dict[str, object]:
@@ -48,10 +49,13 @@ def pools_to_evaluate(config) -> dict[str, object]:
 
 
 def evaluate(model, config, datasets, *, forward_backward, forward_step, run, runtime, microbatches) -> dict:
-    """Mean LM loss per ``eval/<domain>/<pool setting>`` over each validation dataset."""
+    """Mean LM loss per ``eval/<domain>/<pool setting>`` over each validation dataset (``model``: a
+    module or this rank's list of pipeline chunks)."""
     data = run.data
     results = {}
-    model.eval()
+    chunks = chunks_of(model)
+    for chunk in chunks:
+        chunk.eval()
     for domain, dataset in datasets.items():
         num_batches = len(dataset) // data.micro_batch_size
         if num_batches == 0:
@@ -60,8 +64,9 @@ def evaluate(model, config, datasets, *, forward_backward, forward_step, run, ru
             with eval_pool(config, pool), torch.no_grad():
                 losses = forward_backward(
                     forward_step_func=functools.partial(forward_step, 0),
-                    data_iterator=microbatches(dataset, num_batches),
-                    model=[model],
+                    data_iterator=[microbatches(dataset, num_batches) for _ in chunks] if len(chunks) > 1
+                    else microbatches(dataset, num_batches),
+                    model=chunks,
                     num_microbatches=num_batches,
                     seq_length=data.seq_length,
                     micro_batch_size=data.micro_batch_size,
@@ -70,5 +75,6 @@ def evaluate(model, config, datasets, *, forward_backward, forward_step, run, ru
             if losses:
                 total, count = torch.stack([item["lm_loss"] for item in losses]).sum(dim=0).tolist()
                 results[f"eval/{domain}/{name}"] = total / count
-    model.train()
+    for chunk in chunks:
+        chunk.train()
     return results

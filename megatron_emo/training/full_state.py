@@ -11,26 +11,30 @@ The groups' hyper-parameters are the run's (learning rate and weight decay come 
 scheduler's state), so they are not stored.
 """
 
-import re
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_emo.parallel.shards import full_tensors, local_tensors, shard_specs
+from megatron_emo.parallel.shards import chunks_of, full_tensors, local_tensors, parameter_shards
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def full_weights(model: torch.nn.Module) -> Optional[dict[str, torch.Tensor]]:
-    """One-process weights on rank 0 (None elsewhere); every rank must call it."""
-    return full_tensors(model, model.config, lambda name, param: param)
+def _config(model):
+    return chunks_of(model)[0].config
 
 
-def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Optional[dict]:
+def full_weights(model) -> Optional[dict[str, torch.Tensor]]:
+    """One-process weights on rank 0 (None elsewhere); every rank must call it. ``model``: a
+    module or this rank's list of pipeline chunks."""
+    return full_tensors(model, _config(model), lambda param: param)
+
+
+def full_optimizer_state(model, optimizer: torch.optim.Optimizer) -> Optional[dict]:
     """One-process form of a torch Adam/AdamW state on rank 0 (None elsewhere)."""
-    state = {key: full_tensors(model, model.config, lambda name, param, key=key: optimizer.state.get(param, {}).get(key))
+    state = {key: full_tensors(model, _config(model), lambda param, key=key: optimizer.state.get(param, {}).get(key))
              for key in MOMENTS}
     if dist.get_rank() != 0:
         return None
@@ -39,28 +43,27 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     return state
 
 
-def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_full_optimizer_state(model, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Restore this rank's slice of a :func:`full_optimizer_state`."""
-    moments = {key: local_tensors(model, model.config, state[key]) for key in MOMENTS}
+    config = _config(model)
+    moments = {key: local_tensors(model, config, state[key]) for key in MOMENTS}
     optimizer.state.clear()
-    for name, param in model.named_parameters():
-        local = re.sub(r"^(module\.)+", "", name)
-        if local in moments["exp_avg"]:
+    for param, spec in parameter_shards(model, config):
+        if spec.full_name in moments["exp_avg"]:
             optimizer.state[param] = {
                 "step": torch.tensor(state["step"]),
-                **{key: moments[key][local].to(param.dtype).clone() for key in MOMENTS},
+                **{key: moments[key][spec.full_name].to(param.dtype).clone() for key in MOMENTS},
             }
 
 
-def full_parameter_shapes(model: torch.nn.Module) -> dict[str, tuple]:
+def full_parameter_shapes(model) -> dict[str, tuple]:
     """One-process name → shape of the parameters of every rank (gathered; every rank must call
     it)."""
-    config = model.config
+    config = _config(model)
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    params = {re.sub(r"^(module\.)+", "", name): param for name, param in model.named_parameters()}
     shapes = {}
-    for local, spec in shard_specs(model, config).items():
-        shape = list(params[local].shape)
+    for param, spec in parameter_shards(model, config):
+        shape = list(param.shape)
         if spec.tp_dim is not None:
             shape[spec.tp_dim] *= tp_size
         if spec.expert:

@@ -5,6 +5,8 @@ import signal
 
 import torch
 
+from megatron_emo.parallel.shards import chunks_of, parameter_shards
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,10 +31,12 @@ class NonFiniteStep(RuntimeError):
     """The run stopped on a non-finite loss or gradient; the message says where."""
 
 
-def non_finite_gradients(model: torch.nn.Module, limit: int = 8) -> list[str]:
-    """Names of parameters whose gradient has NaN or Inf entries (the first ``limit``)."""
+def non_finite_gradients(model, limit: int = 8) -> list[str]:
+    """Names of parameters whose gradient has NaN or Inf entries (the first ``limit``);
+    ``model``: a module or this rank's list of pipeline chunks."""
     names = []
-    for name, param in model.named_parameters():
+    for param, spec in parameter_shards(model, chunks_of(model)[0].config):
+        name = spec.full_name
         grad = getattr(param, "main_grad", None)
         grad = param.grad if grad is None else grad
         if grad is not None and not torch.isfinite(grad).all():

@@ -24,7 +24,7 @@ from megatron_emo.data.demo_data import prepare_demo_data
 from megatron_emo.data.gpt_data import build_train_dataset, collate
 from megatron_emo.data.indexed import check_dataset
 from megatron_emo.data.tokenizer import Tokenizer, padded_vocab_size
-from megatron_emo.model.gpt import build_gpt_model
+from megatron_emo.model.gpt import build_model_chunks
 from megatron_emo.config import ConfigError
 from megatron_emo.recipes import RunConfig, validate_run
 from megatron_emo.routing.documents import document_ids
@@ -41,9 +41,10 @@ from megatron_emo.training.flops import peak_tflops, training_flops_per_token
 from megatron_emo.training.evaluate import build_validation_datasets, evaluate
 from megatron_emo.training.guards import NonFiniteGuard, NonFiniteStep, SpikeDetector, StopSignal
 from megatron_emo.parallel.grads import finalize_cpu_grads
+from megatron_emo.parallel.shards import chunks_of
 from megatron_emo.training.distributed import Runtime, init_model_parallel, init_process_group, shutdown_distributed
 from megatron_emo.training.metrics import MetricsWriter
-from megatron_emo.training.optimizer import cpu_stepper, gpu_stepper
+from megatron_emo.training.optimizer import cpu_stepper, gpu_stepper, use_distributed_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -108,27 +109,34 @@ def _validation_batches(dataset, num_batches: int, *, run: RunConfig, runtime: R
         yield tuple(t.to(runtime.device) for t in (batch["tokens"], batch["labels"], batch["loss_mask"], sample_index))
 
 
-def _routers(model: torch.nn.Module) -> list[DocumentPooledRouter]:
-    return [m for m in model.modules() if isinstance(m, DocumentPooledRouter)]
+def _routers(model) -> list[DocumentPooledRouter]:
+    return [m for chunk in chunks_of(model) for m in chunk.modules() if isinstance(m, DocumentPooledRouter)]
 
 
-def _wrap_for_gpu(model, config):
-    """bf16 module and megatron-core DDP, with the schedule hooks megatron-core expects."""
+def wrap_for_gpu(model, config):
+    """bf16 modules and megatron-core DDP, with the schedule hooks megatron-core expects.
+
+    ``model``: a module or a list of pipeline chunks; returns the same kind.
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.transformer.module import Float16Module
 
-    model = model.cuda()
-    if config.bf16:
-        model = Float16Module(config, model)
-    # ZeRO-1: the distributed optimizer shards fp32 main weights and Adam states over DP.
-    model = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True),
-        module=model,
-    )
-    config.no_sync_func = model.no_sync
+    wrapped = []
+    for index, chunk in enumerate(chunks_of(model)):
+        chunk = chunk.cuda()
+        if config.bf16:
+            chunk = Float16Module(config, chunk)
+        # Only the first chunk's buckets overlap their reduction with the backward.
+        wrapped.append(DistributedDataParallel(
+            config,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer()),
+            module=chunk,
+            disable_bucketing=index > 0,
+        ))
+    no_sync = [chunk.no_sync for chunk in wrapped]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     config.finalize_model_grads_func = finalize_model_grads
-    return model
+    return wrapped if isinstance(model, (list, tuple)) else wrapped[0]
 
 
 def train(run: RunConfig) -> list[dict]:
@@ -188,16 +196,17 @@ def _train(run: RunConfig) -> list[dict]:
     if run.train.eval_interval:
         validation = build_validation_datasets(blend, tokenizer, num_samples=run.train.eval_samples, run=run)
 
-    model = build_gpt_model(
+    # This rank's pipeline chunks (one unless the schedule is interleaved).
+    model = build_model_chunks(
         config,
         max_sequence_length=data.seq_length,
         rotary_base=run.gpt.rotary_base,
         share_embeddings=run.gpt.share_embeddings,
     )
-    num_params = sum(p.numel() for p in model.parameters())
-    gpt_model = model  # checkpoints hold the bare model's state, whatever wraps it
+    num_params = sum(p.numel() for chunk in model for p in chunk.parameters())
+    gpt_model = model  # checkpoints hold the bare chunks' state, whatever wraps them
     if runtime.on_gpu:
-        model = _wrap_for_gpu(model, config)
+        model = wrap_for_gpu(model, config)
         stepper = gpu_stepper(model, config, run.optim, run.train.steps)
         config.grad_scale_func = stepper.optimizer.scale_loss
     else:
@@ -250,9 +259,9 @@ def _train(run: RunConfig) -> list[dict]:
             progress.update(1)
             started = time.perf_counter()
             lr = stepper.optimizer.param_groups[0]["lr"]
-            losses = _forward_backward(step, model, stepper, forward_backward, step_forward, dataset, run,
+            losses = forward_backward_step(step, model, stepper, forward_backward, step_forward, dataset, run,
                                        runtime, num_microbatches)
-            loss = _mean_loss(losses, runtime)
+            loss = mean_loss(losses, runtime)
             grad_norm, applied = stepper.step() if math.isfinite(loss) else (float("nan"), False)
             if applied:
                 guard.good_step()
@@ -299,15 +308,19 @@ def _train(run: RunConfig) -> list[dict]:
     return records
 
 
-def _forward_backward(step, model, stepper, forward_backward, forward_step, dataset, run, runtime,
-                      num_microbatches) -> list[dict]:
-    """Gradients of one step's batch (this rank's micro-batches); the per-micro-batch losses."""
-    model.train()
+def forward_backward_step(step, model, stepper, forward_backward, forward_step, dataset, run, runtime,
+                          num_microbatches) -> list[dict]:
+    """Gradients of one step's batch (this rank's micro-batches); the per-micro-batch losses.
+    ``model``: a module or this rank's list of pipeline chunks (each reads the micro-batches)."""
+    chunks = chunks_of(model)
+    for chunk in chunks:
+        chunk.train()
     stepper.zero_grad()
+    iterators = [_microbatches(dataset, run, runtime, step) for _ in chunks]
     return forward_backward(
         forward_step_func=functools.partial(forward_step, step),
-        data_iterator=_microbatches(dataset, run, runtime, step),
-        model=[model],
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks,
         num_microbatches=num_microbatches,
         seq_length=run.data.seq_length,
         micro_batch_size=run.data.micro_batch_size,
@@ -315,7 +328,7 @@ def _forward_backward(step, model, stepper, forward_backward, forward_step, data
     )
 
 
-def _mean_loss(losses: list[dict], runtime: Runtime) -> float:
+def mean_loss(losses: list[dict], runtime: Runtime) -> float:
     """Token-weighted LM loss of the step over the data-parallel ranks, known on every rank
     (the last pipeline stage has it; the others receive it), so all ranks skip alike."""
     totals = torch.zeros(2, device=runtime.device)
@@ -330,10 +343,14 @@ def _mean_loss(losses: list[dict], runtime: Runtime) -> float:
 
 
 def _router_summary(per_layer: list[dict]) -> dict:
+    """The MoE part of a step record: losses and pool size averaged over this stage's layers;
+    expert load max/mean and the fraction of unused routed experts per layer (lists, layer
+    order), since imbalance and dead experts show up in single layers."""
     per_layer = [stats for stats in per_layer if stats]
     if not per_layer:
         return {}
     summary = {key: sum(stats[key] for stats in per_layer) / len(per_layer)
                for key in ("lb_loss", "z_loss", "pool_experts")}
-    summary["load_max_over_mean"] = [round(stats["load_max_over_mean"], 3) for stats in per_layer]
+    for key in ("load_max_over_mean", "unused_experts"):
+        summary[key] = [round(stats[key], 3) for stats in per_layer]
     return summary

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_emo.parallel.grads import global_grad_norm
+from megatron_emo.parallel.shards import chunks_of
 
 from megatron_emo.recipes import OptimConfig
 
@@ -47,10 +49,10 @@ def _scheduler(optimizer, optim: OptimConfig, total_steps: int) -> OptimizerPara
     )
 
 
-def cpu_stepper(model: torch.nn.Module, optim: OptimConfig, total_steps: int) -> Stepper:
+def cpu_stepper(model, optim: OptimConfig, total_steps: int) -> Stepper:
     """torch AdamW (megatron-core's optimizers insist on CUDA tensors), clipping by the norm of
     the whole model across ranks."""
-    named = list(model.named_parameters())
+    named = [item for chunk in chunks_of(model) for item in chunk.named_parameters()]
     embeddings = [p for name, p in named if fnmatch.fnmatch(name, EMBEDDING_PARAM)]
     others = [p for name, p in named if not fnmatch.fnmatch(name, EMBEDDING_PARAM)]
     groups = [{"params": others, "wd_mult": 1.0}]
@@ -77,9 +79,16 @@ def cpu_stepper(model: torch.nn.Module, optim: OptimConfig, total_steps: int) ->
     return Stepper(optimizer, _scheduler(optimizer, optim, total_steps), step, lambda: optimizer.zero_grad(set_to_none=True))
 
 
+def use_distributed_optimizer() -> bool:
+    """ZeRO-1 (megatron-core's distributed optimizer: fp32 main weights and Adam moments sharded
+    over data-parallel ranks) wherever there is more than one data-parallel rank; with one it
+    shards nothing, and the plain optimizer's state is what single-GPU checkpoints hold."""
+    return parallel_state.get_data_parallel_world_size() > 1
+
+
 def gpu_stepper(model, config, optim: OptimConfig, total_steps: int) -> Stepper:
-    """megatron-core's distributed optimizer (fp32 main weights under bf16, sharded over DP) over a
-    megatron DDP model."""
+    """megatron-core's optimizer (fp32 main weights under bf16; distributed over DP, see
+    :func:`use_distributed_optimizer`) over megatron DDP model chunks."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer.optimizer_config import ParamKey
 
@@ -95,9 +104,9 @@ def gpu_stepper(model, config, optim: OptimConfig, total_steps: int) -> Stepper:
             clip_grad=optim.clip_grad,
             bf16=config.bf16,
             params_dtype=config.params_dtype,
-            use_distributed_optimizer=True,
+            use_distributed_optimizer=use_distributed_optimizer(),
         ),
-        [model],
+        chunks_of(model),
         # Replaces megatron-core's default (no decay on norms and biases) by EMO's rule.
         config_overrides={ParamKey(name=EMBEDDING_PARAM): {"wd_mult": 0.0}},
     )
@@ -107,7 +116,8 @@ def gpu_stepper(model, config, optim: OptimConfig, total_steps: int) -> Stepper:
         return float("nan") if grad_norm is None else float(grad_norm), bool(update_successful)
 
     def zero_grad() -> None:
-        model.zero_grad_buffer()
+        for chunk in chunks_of(model):
+            chunk.zero_grad_buffer()
         optimizer.zero_grad()
 
     return Stepper(optimizer, _scheduler(optimizer, optim, total_steps), step, zero_grad)

@@ -189,15 +189,21 @@ def test_import_refuses_what_it_cannot_read(tmp_path):
     assert result.returncode == 2 and "no config.json" in result.stderr
 
 
-def test_weights_only_checkpoint_cannot_be_resumed_but_can_start_a_run(tmp_path):
+def test_weights_only_checkpoint_cannot_be_resumed_but_can_start_a_run(tmp_path, megatron_cpu):
+    from megatron_emo.model.gpt import build_gpt_model
     from megatron_emo.recipes import get_recipe
     from megatron_emo.training.checkpoint import CheckpointError, load_checkpoint, load_weights, write_checkpoint
+    from tests.conftest import make_config
 
-    model = torch.nn.Linear(3, 2)
+    def tiny_model():
+        return build_gpt_model(make_config(), max_sequence_length=16, rotary_base=10_000)
+
+    model = tiny_model()
     path = write_checkpoint(tmp_path / "init", {"step": 0, "model": model.state_dict()}, get_recipe("tiny"))
-    other = torch.nn.Linear(3, 2)
+    other = tiny_model()
     load_weights(path, other)
-    assert torch.equal(other.weight, model.weight)
+    for (name, a), b in zip(model.named_parameters(), other.parameters()):
+        assert torch.equal(a, b), name
     with pytest.raises(CheckpointError, match="weights only"):
         load_checkpoint(path, model=other, optimizer=None, scheduler=None)
 

@@ -21,16 +21,19 @@ LAYOUTS = {
     "tp2_ep2": (4, dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2), 2),
     "pp2_ep2": (4, dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2), 1),
     "dp4_ep2": (4, dict(expert_model_parallel_size=2), 1),
+    "pp2_interleaved": (2, dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2, num_layers=4), 2),
+    "pp2_uneven": (2, dict(pipeline_model_parallel_size=2, num_layers=3, num_layers_in_first_pipeline_stage=1), 2),
 }
+MODEL_FIELDS = ("num_layers", "num_moe_experts")
+"""Layout entries that change the model itself: the one-process run gets them too."""
 
 
 def _data_parallel(world, layout):
     return world // (layout.get("tensor_model_parallel_size", 1) * layout.get("pipeline_model_parallel_size", 1))
 
 
-def _single(micro_batch_size, experts=None, steps=1, weights=None):
-    layout = {} if experts is None else dict(num_moe_experts=experts)
-    return run_distributed(run_layout, 1, layout, micro_batch_size, TOKENS, weights, steps, timeout=300)[0]
+def _single(micro_batch_size, model=None, steps=1, weights=None):
+    return run_distributed(run_layout, 1, model or {}, micro_batch_size, TOKENS, weights, steps, timeout=300)[0]
 
 
 def _compare(parallel, single):
@@ -48,13 +51,13 @@ def _compare(parallel, single):
 
 @pytest.fixture(scope="module")
 def single_runs():
-    """One-process runs by micro-batch size (and expert count), computed once."""
+    """One-process runs by micro-batch size and model changes, computed once."""
     cache = {}
 
-    def get(micro_batch_size, experts=None):
-        key = (micro_batch_size, experts)
+    def get(micro_batch_size, **model):
+        key = (micro_batch_size, tuple(sorted(model.items())))
         if key not in cache:
-            cache[key] = _single(micro_batch_size, experts)
+            cache[key] = _single(micro_batch_size, model)
         return cache[key]
 
     return get
@@ -63,7 +66,8 @@ def single_runs():
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layout_equals_one_process(name, single_runs):
     world, layout, micro_batch_size = LAYOUTS[name]
-    single = single_runs(micro_batch_size * _data_parallel(world, layout))
+    model = {field: value for field, value in layout.items() if field in MODEL_FIELDS}
+    single = single_runs(micro_batch_size * _data_parallel(world, layout), **model)
     parallel = run_distributed(run_layout, world, layout, micro_batch_size, TOKENS, single["weights"], timeout=300)[0]
     _compare(parallel, single)
 
@@ -72,7 +76,7 @@ def test_padded_experts_on_ep2(single_runs):
     # 7 routed experts (a prime, like EMO's 127) on 2 expert-parallel ranks: 4 + 4 with one
     # padding expert that the router never reaches.
     layout = dict(expert_model_parallel_size=2, num_moe_experts=8)
-    single = single_runs(4, experts=8)
+    single = single_runs(4, num_moe_experts=8)
     parallel = run_distributed(run_layout, 2, layout, 2, TOKENS, single["weights"], timeout=300)[0]
     _compare(parallel, single)
     for name, grad in parallel["grads"].items():

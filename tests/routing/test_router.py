@@ -200,6 +200,8 @@ def test_metrics_record_losses_and_reset():
     assert stats["lb_loss"] == pytest.approx(lb.item(), rel=1e-5)
     assert stats["z_loss"] == pytest.approx(z_loss(torch.logsumexp(masked, -1)).item(), rel=1e-5)
     assert stats["pool_experts"] == pytest.approx(token_pools.double().mean().item(), rel=1e-6)
+    unused = 1 - indices.unique().numel() / 8
+    assert stats["unused_experts"] == pytest.approx(unused)
 
     assert router.metrics.read() == {}  # reset by the read
 

@@ -15,7 +15,7 @@ from tests.training.conftest import small_run as _run
 def nan_at_steps(monkeypatch):
     """Make the LM loss NaN in the forward passes of the given (1-based) steps."""
     def install(steps):
-        original = loop._forward_step
+        original = loop.forward_step
 
         def forward_step(eos, seed, step, data_iterator, model):
             output, loss_func = original(eos, seed, step, data_iterator, model)
@@ -23,7 +23,7 @@ def nan_at_steps(monkeypatch):
                 output = output * float("nan")
             return output, loss_func
 
-        monkeypatch.setattr(loop, "_forward_step", forward_step)
+        monkeypatch.setattr(loop, "forward_step", forward_step)
     return install
 
 

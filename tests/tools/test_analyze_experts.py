@@ -1,0 +1,61 @@
+"""tools/analyze_experts.py on a tiny Hugging Face folder: matrices that add up, files, errors."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from megatron_emo.convert.hf_tokenizer import export_tokenizer  # noqa: E402
+from megatron_emo.data.tokenizer import train_tokenizer  # noqa: E402
+from tests.analysis.test_usage import tiny_qwen2_moe  # noqa: E402
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "analyze_experts.py"
+TEXTS = {
+    "code": ["def f(x):\n    return x * 2\n" * 6, "import os\nprint(os.getcwd())\n" * 5],
+    "prose": ["The old man walked slowly to the river and sat down. " * 5, "It rained all night. " * 9],
+}
+
+
+def _main(argv):
+    spec = importlib.util.spec_from_file_location("analyze_experts", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random 2-layer Qwen2-MoE (8 routed experts, top-2) with a small SentencePiece tokenizer."""
+    root = tmp_path_factory.mktemp("analyze")
+    tokenizer = train_tokenizer([t for texts in TEXTS.values() for t in texts], root / "tok.model", 300)
+    export_tokenizer(tokenizer.model_file, root / "hf")
+    tiny_qwen2_moe(vocab_size=300).save_pretrained(root / "hf")
+    return root / "hf"
+
+
+def test_usage_rows_sum_to_top_k_times_the_tokens(hf_dir, tmp_path):
+    files = []
+    for domain, texts in TEXTS.items():
+        path = tmp_path / f"{domain}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        files.append(f"--text={domain}={path}")
+    assert _main(["--model", str(hf_dir), *files, "--seq-length", "32", "--output", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "experts.json").read_text())
+    assert summary["domains"] == ["code", "prose"] and summary["top_k"] == 2
+    assert summary["documents"] == {"code": 2, "prose": 2}
+    for layer in summary["layers"]:
+        for domain, row in zip(summary["domains"], layer["selections"]):
+            assert sum(row) == 2 * summary["tokens"][domain] > 0
+        assert all(len(experts) == 2 for experts in layer["top_experts"].values())  # 25% of 8
+    assert 0 <= summary["mutual_information_bits_mean"] <= summary["mutual_information_max_bits"] == 1.0
+    assert (tmp_path / "out" / "experts.png").stat().st_size > 0
+
+
+def test_bad_inputs_exit_2(hf_dir, tmp_path, capsys):
+    assert _main(["--model", str(hf_dir), "--output", str(tmp_path / "out")]) == 2
+    assert "--demo-dir or --text" in capsys.readouterr().err
+    assert _main(["--model", str(hf_dir), "--text", "code", "--output", str(tmp_path / "out")]) == 2
+    assert "NAME=FILES" in capsys.readouterr().err

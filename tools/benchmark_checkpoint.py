@@ -1,0 +1,124 @@
+"""Checkpoint save and load times of a recipe's model, as the trainer writes them.
+
+    python tools/benchmark_checkpoint.py --recipe proxy_1gpu --output benchmarks/results/DATE_h100_checkpoint.json
+
+Builds the recipe's model with the trainer's optimizer (megatron-core's distributed optimizer on
+GPU, AdamW on CPU), takes one optimizer step so that every moment exists, then times
+``save_checkpoint`` (gather, write, flush, SHA-256 manifest, atomic publish) and
+``load_checkpoint`` (verify, read, slice into the model and optimizer) --repeats times into
+--directory, and writes one JSON record with the sizes and times.
+"""
+
+import argparse
+import contextlib
+import datetime
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from megatron_emo.logs import configure_cli_logging, quiet_megatron_warnings
+
+quiet_megatron_warnings()
+
+import torch  # noqa: E402
+
+from megatron_emo.benchmark.cases import CASES, init_weights  # noqa: E402
+from megatron_emo.recipes import apply_override, get_recipe, validate_run  # noqa: E402
+from megatron_emo.training.checkpoint import find_latest, load_checkpoint, save_checkpoint  # noqa: E402
+from megatron_emo.training.cpu_mode import cuda_on_cpu  # noqa: E402
+from megatron_emo.training.distributed import init_model_parallel, init_process_group, shutdown_distributed  # noqa: E402
+from megatron_emo.training.loop import wrap_for_gpu  # noqa: E402
+from megatron_emo.training.metrics import run_info  # noqa: E402
+from megatron_emo.training.optimizer import cpu_stepper, gpu_stepper  # noqa: E402
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="proxy_1gpu")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--vocab-size", type=int, default=100_352, help="padded vocabulary of the model")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--directory", type=Path, default=None,
+                        help="where checkpoints are written (default: a temporary folder, removed after)")
+    parser.add_argument("--output", type=Path, required=True, help="JSON file to write")
+    return parser.parse_args(argv)
+
+
+def _bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def measure(run, vocab_size: int, directory: Path, repeats: int) -> dict:
+    on_gpu = torch.cuda.is_available()
+    init_process_group()
+    runtime = init_model_parallel(run.emo_config(vocab_size=vocab_size, eos_token_id=2, on_gpu=on_gpu),
+                                  seed=run.train.seed)
+    model, config = CASES["emo"].build(run, vocab_size, 2, on_gpu)
+    gpt_model = model
+    if on_gpu:
+        model = wrap_for_gpu(model, config)
+        init_weights(model, config.init_method_std)
+        stepper = gpu_stepper(model, config, run.optim, run.train.steps)
+    else:
+        init_weights(model, config.init_method_std)
+        stepper = cpu_stepper(model, run.optim, run.train.steps)
+        for param in model.parameters():
+            param.grad = torch.zeros_like(param)
+    stepper.step()  # every optimizer moment exists from here on
+    saves, loads = [], []
+    for repeat in range(repeats):
+        if runtime.on_gpu:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        path = save_checkpoint(directory, repeat + 1, model=gpt_model, optimizer=stepper.optimizer,
+                               scheduler=stepper.scheduler, run=run)
+        saves.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        load_checkpoint(find_latest(directory), model=gpt_model, optimizer=stepper.optimizer,
+                        scheduler=stepper.scheduler)
+        if runtime.on_gpu:
+            torch.cuda.synchronize()
+        loads.append(time.perf_counter() - started)
+    size = _bytes(path)
+    return {
+        "parameters": sum(p.numel() for p in gpt_model.parameters()),
+        "checkpoint_bytes": size,
+        "files": {p.name: p.stat().st_size for p in sorted(path.iterdir())},
+        "save_s": saves,
+        "load_s": loads,
+        "save_gb_per_s": size / min(saves) / 1e9,
+        "load_gb_per_s": size / min(loads) / 1e9,
+        "device": torch.cuda.get_device_name() if runtime.on_gpu else "cpu",
+    }
+
+
+def main(argv=None) -> int:
+    configure_cli_logging()
+    args = parse_args(argv)
+    run = get_recipe(args.recipe)
+    for assignment in args.overrides:
+        apply_override(run, assignment)
+    validate_run(run)
+    directory = args.directory or Path(tempfile.mkdtemp(prefix="emo_ckpt_bench_"))
+    try:
+        with contextlib.nullcontext() if torch.cuda.is_available() else cuda_on_cpu():
+            result = measure(run, args.vocab_size, directory, args.repeats)
+    finally:
+        shutdown_distributed()
+        if args.directory is None:
+            shutil.rmtree(directory, ignore_errors=True)
+    record = {"recipe": args.recipe, "overrides": args.overrides, "date": datetime.date.today().isoformat(),
+              "command": " ".join(sys.argv), **run_info(), **result}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"{result['parameters'] / 1e9:.2f}B parameters, checkpoint {result['checkpoint_bytes'] / 1e9:.1f} GB: "
+          f"save {min(result['save_s']):.1f} s ({result['save_gb_per_s']:.2f} GB/s), "
+          f"load {min(result['load_s']):.1f} s ({result['load_gb_per_s']:.2f} GB/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
