@@ -290,9 +290,10 @@ def validate_run(run: RunConfig) -> None:
         )
     if train.steps < 1:
         raise ConfigError(f"train.steps={train.steps} must be at least 1")
-    if not 0 <= optim.warmup_steps <= train.steps:
+    if not 0 <= optim.warmup_steps < train.steps:
         raise ConfigError(
-            f"optim.warmup_steps={optim.warmup_steps} must be in [0, train.steps={train.steps}]"
+            f"optim.warmup_steps={optim.warmup_steps} must be in [0, train.steps={train.steps}): "
+            "the learning rate must decay after the warm-up; lower optim.warmup_steps"
         )
     if optim.schedule not in ("cosine", "wsd"):
         raise ConfigError(f"optim.schedule={optim.schedule!r} must be 'cosine' or 'wsd'")

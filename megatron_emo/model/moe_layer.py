@@ -18,7 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_emo.config import EmoConfig
 from megatron_emo.experts.permute import permute, unpermute
 from megatron_emo.experts.routed import RoutedExperts
-from megatron_emo.parallel.dispatch import combine, dispatch
+from megatron_emo.parallel import dispatch as expert_parallel
 from megatron_emo.parallel.layout import expert_layout
 from megatron_emo.routing.router import DocumentPooledRouter
 
@@ -60,23 +60,34 @@ class EmoMoELayer(MegatronModule):
         """``hidden_states [s, b, h]`` (``[s/TP, b, h]`` under sequence parallelism), ``document_ids
         [b, s]`` → ``(output shaped as hidden_states, None)``."""
         weights, indices = self.router(hidden_states, document_ids)
-        if self.config.tensor_model_parallel_size > 1:
-            # Each TP rank combines partial expert outputs, so its gate gradients are partial too.
-            weights = copy_to_tensor_model_parallel_region(weights)
-        tokens = self._to_expert_region(hidden_states)
-        seq_len, batch, hidden = tokens.shape
-        rows, group_sizes, order = permute(tokens.reshape(-1, hidden), indices, self.expert_layout.num_padded)
-        if self.expert_layout.ep_size > 1:
-            rows, group_sizes, plan = dispatch(rows, group_sizes, parallel_state.get_expert_model_parallel_group())
+        rows, group_sizes, plan = self.dispatch(hidden_states, indices)
         expert_rows = self.experts(rows, group_sizes)
-        if self.expert_layout.ep_size > 1:
-            expert_rows = combine(expert_rows, plan)
-        output = unpermute(expert_rows, weights, order).view(seq_len, batch, hidden)
-        output = self._from_expert_region(output)
+        output = self.combine(expert_rows, weights, plan)
         if self.shared_experts is not None:
             shared_output, _ = self.shared_experts(hidden_states)
             output = output + shared_output
         return output, None
+
+    def dispatch(self, hidden_states: torch.Tensor, indices: torch.Tensor):
+        """Tokens to the rows of this rank's experts: ``(rows, group sizes, plan for combine)``."""
+        tokens = self._to_expert_region(hidden_states)
+        rows, group_sizes, order = permute(tokens.reshape(-1, tokens.shape[-1]), indices, self.expert_layout.num_padded)
+        exchange = None
+        if self.expert_layout.ep_size > 1:
+            rows, group_sizes, exchange = expert_parallel.dispatch(
+                rows, group_sizes, parallel_state.get_expert_model_parallel_group()
+            )
+        return rows, group_sizes, (tokens.shape, order, exchange)
+
+    def combine(self, expert_rows: torch.Tensor, weights: torch.Tensor, plan) -> torch.Tensor:
+        """Expert outputs back to the tokens, weighted by their gates, shaped as the layer input."""
+        shape, order, exchange = plan
+        if exchange is not None:
+            expert_rows = expert_parallel.combine(expert_rows, exchange)
+        if self.config.tensor_model_parallel_size > 1:
+            # Each TP rank combines partial expert outputs, so its gate gradients are partial too.
+            weights = copy_to_tensor_model_parallel_region(weights)
+        return self._from_expert_region(unpermute(expert_rows, weights, order).view(shape))
 
     def _to_expert_region(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """All of this data-parallel rank's tokens on every TP rank, as the routed experts need

@@ -46,6 +46,10 @@ def _scheduler(optimizer, optim: OptimConfig, total_steps: int) -> OptimizerPara
         end_wd=optim.weight_decay,
         wd_incr_steps=total_steps,
         wd_incr_style="constant",
+        # On resume the schedule follows the run's settings at the saved step, so a run
+        # extended to more steps re-plans its decay (with unchanged settings it is identical).
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
 
 

@@ -1,4 +1,5 @@
-"""Checkpoints move between parallel layouts: saved on one, loaded on another, same state."""
+"""Checkpoints move between parallel layouts: saved on one, loaded on another, same state and
+the same Hugging Face export."""
 
 import shutil
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
+from megatron_emo.convert.qwen2_moe import GPTSettings, to_hf_state_dict
 from megatron_emo.model.gpt import build_gpt_model
 from megatron_emo.recipes import OptimConfig, get_recipe
 from megatron_emo.testing.distributed import run_distributed
@@ -62,8 +64,16 @@ def test_checkpoint_passes_through_a_parallel_layout_unchanged(tmp_path, world_s
     run_distributed(_resave, 1, {}, None, tmp_path / "one")
     run_distributed(_resave, world_size, layout, find_latest(tmp_path / "one"), tmp_path / "parallel", timeout=300)
     run_distributed(_resave, 1, {}, find_latest(tmp_path / "parallel"), tmp_path / "back")
-    _assert_same_state(_state(tmp_path / "one"), _state(tmp_path / "parallel"))
-    _assert_same_state(_state(tmp_path / "one"), _state(tmp_path / "back"))
+    one, parallel = _state(tmp_path / "one"), _state(tmp_path / "parallel")
+    _assert_same_state(one, parallel)
+    _assert_same_state(one, _state(tmp_path / "back"))
+    # The Hugging Face export of the parallel layout's checkpoint is the one-process export.
+    config, gpt = tiny_config(), GPTSettings(rotary_base=10_000, max_position_embeddings=16)
+    exported = to_hf_state_dict(parallel["model"], config, gpt)
+    expected = to_hf_state_dict(one["model"], config, gpt)
+    assert exported.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(exported[name], tensor), name
 
 
 def _train(rank, world_size, run):
