@@ -120,7 +120,12 @@ class RunConfig:
         bf16 = self.model.get("bf16", on_gpu)
         dtype = torch.bfloat16 if bf16 else torch.float32
         fields = {"params_dtype": dtype, "pipeline_dtype": dtype, **self.model, "bf16": bf16}
-        return EmoConfig(**fields, emo_vocab_size=vocab_size, emo_eos_token_id=eos_token_id)
+        try:
+            return EmoConfig(**fields, emo_vocab_size=vocab_size, emo_eos_token_id=eos_token_id)
+        except ConfigError:
+            raise
+        except ValueError as error:  # megatron-core's own checks (e.g. heads vs TP)
+            raise ConfigError(f"model: {error}") from error
 
 
 _EMO_1B14B_MODEL = dict(

@@ -74,7 +74,8 @@ def check_layout(config, world_size: int) -> None:
 
     ``config`` is an :class:`~megatron_emo.config.EmoConfig` (its layout fields are
     megatron-core's: tensor/pipeline/context/expert model-parallel sizes, expert tensor
-    parallel size, sequence_parallel).
+    parallel size, sequence_parallel). Heads and query groups against TP are checked by
+    megatron-core when the config is built.
     """
     tp, pp, cp = (
         config.tensor_model_parallel_size,
@@ -106,24 +107,11 @@ def check_layout(config, world_size: int) -> None:
             f"divide the {world_size // pp} ranks of a pipeline stage: choose EP so that "
             f"EP x ETP divides world / pipeline_model_parallel_size"
         )
-    if config.num_attention_heads % tp:
-        raise ConfigError(
-            f"num_attention_heads={config.num_attention_heads} is not divisible by "
-            f"tensor_model_parallel_size={tp}"
-        )
-    groups = config.num_query_groups or config.num_attention_heads
-    if groups % tp:
-        raise ConfigError(f"num_query_groups={groups} is not divisible by tensor_model_parallel_size={tp}")
+    # (ETP = TP, so this also splits the shared experts, whose width is a multiple of it.)
     if config.moe_ffn_hidden_size % etp:
         raise ConfigError(
             f"moe_ffn_hidden_size={config.moe_ffn_hidden_size} is not divisible by "
             f"expert_tensor_parallel_size={etp}"
-        )
-    shared_width = config.emo_num_shared_experts * config.moe_ffn_hidden_size
-    if shared_width % tp:
-        raise ConfigError(
-            f"the shared experts' width {shared_width} is not divisible by "
-            f"tensor_model_parallel_size={tp}"
         )
     stage_layers = (config.num_layers_in_first_pipeline_stage, config.num_layers_in_last_pipeline_stage)
     vp = config.virtual_pipeline_model_parallel_size or 1
