@@ -1,21 +1,39 @@
 """The implementation of a kernel op for a device, by the rule of every ``kernels/<op>/``.
 
-:func:`megatron_emo.kernels.routing.select_path` decides: Triton on CUDA, Triton's interpreter
-under ``TRITON_INTERPRET=1``, the op's PyTorch ``reference`` elsewhere. Each (op, path) is logged
-once per process at INFO; a Triton path without an importable triton raises (never a silent
-fallback to the reference).
+:func:`select_path` decides: Triton on CUDA, Triton's interpreter under ``TRITON_INTERPRET=1``,
+the op's PyTorch ``reference`` elsewhere. Each (op, path) is logged once per process at INFO; a
+Triton path without an importable triton raises (never a silent fallback to the reference).
 """
 
 import importlib
 import logging
+import os
 from types import ModuleType
 
 import torch
 
-from megatron_emo.kernels.routing import select_path
 from megatron_emo.logs import log_once
 
 logger = logging.getLogger(__name__)
+
+
+def triton_interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter, spelled as Triton's own switch
+    (knobs.env_bool) reads it."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def select_path(device: torch.device) -> str:
+    """The implementation a kernel op uses for tensors on ``device``.
+
+    Returns:
+        ``"triton"``, ``"triton-interpreter"`` or ``"reference"``.
+    """
+    if device.type == "cuda":
+        return "triton"
+    if triton_interpreting():
+        return "triton-interpreter"
+    return "reference"
 
 
 def implementation(op: str, device: torch.device) -> ModuleType:

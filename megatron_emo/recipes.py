@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from megatron_emo.config import ConfigError, EmoConfig
+from megatron_emo.data.tokenizer import padded_vocab_size
 
 
 @dataclass(kw_only=True)
@@ -114,6 +115,14 @@ class RunConfig:
     gpt: GPTConfig = field(default_factory=GPTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def model_vocab_size(self, tokenizer_vocab_size: int) -> int:
+        """The model's vocabulary for a tokenizer's: padded to a multiple of
+        ``gpt.make_vocab_size_divisible_by`` x TP (Megatron's convention), at least
+        ``gpt.min_vocab_size``."""
+        tp = self.model.get("tensor_model_parallel_size", 1)
+        return max(padded_vocab_size(tokenizer_vocab_size, self.gpt.make_vocab_size_divisible_by, tp),
+                   self.gpt.min_vocab_size)
 
     def emo_config(self, *, vocab_size: int, eos_token_id: int, on_gpu: bool) -> EmoConfig:
         """Build and validate the model config for the tokenizer's vocabulary and the device."""

@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--docs-per-row", type=int, default=30)
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (it times SDPA, FlexAttention and Triton's do_bench on one)")
     qkv, docs = inputs(args.batch, args.seq, 16, 128, args.docs_per_row)
     records = []
     for name, fn in cases(docs).items():

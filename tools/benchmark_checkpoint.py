@@ -26,6 +26,7 @@ quiet_megatron_warnings()
 import torch  # noqa: E402
 
 from megatron_emo.benchmark.cases import CASES, init_weights  # noqa: E402
+from megatron_emo.config import ConfigError  # noqa: E402
 from megatron_emo.recipes import apply_override, get_recipe, validate_run  # noqa: E402
 from megatron_emo.training.checkpoint import find_latest, load_checkpoint, save_checkpoint  # noqa: E402
 from megatron_emo.training.cpu_mode import cuda_on_cpu  # noqa: E402
@@ -44,7 +45,10 @@ def parse_args(argv):
     parser.add_argument("--directory", type=Path, default=None,
                         help="where checkpoints are written (default: a temporary folder, removed after)")
     parser.add_argument("--output", type=Path, required=True, help="JSON file to write")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    return args
 
 
 def _bytes(path: Path) -> int:
@@ -98,10 +102,14 @@ def measure(run, vocab_size: int, directory: Path, repeats: int) -> dict:
 def main(argv=None) -> int:
     configure_cli_logging()
     args = parse_args(argv)
-    run = get_recipe(args.recipe)
-    for assignment in args.overrides:
-        apply_override(run, assignment)
-    validate_run(run)
+    try:
+        run = get_recipe(args.recipe)
+        for assignment in args.overrides:
+            apply_override(run, assignment)
+        validate_run(run)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     directory = args.directory or Path(tempfile.mkdtemp(prefix="emo_ckpt_bench_"))
     try:
         with contextlib.nullcontext() if torch.cuda.is_available() else cuda_on_cpu():
@@ -111,7 +119,7 @@ def main(argv=None) -> int:
         if args.directory is None:
             shutil.rmtree(directory, ignore_errors=True)
     record = {"recipe": args.recipe, "overrides": args.overrides, "date": datetime.date.today().isoformat(),
-              "command": " ".join(sys.argv), **run_info(), **result}
+              **run_info(), **result}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"{result['parameters'] / 1e9:.2f}B parameters, checkpoint {result['checkpoint_bytes'] / 1e9:.1f} GB: "

@@ -50,7 +50,6 @@ from megatron_emo.benchmark.runner import run_case  # noqa: E402
 from megatron_emo.benchmark.synthetic import SyntheticDocuments  # noqa: E402
 from megatron_emo.config import ConfigError  # noqa: E402
 from megatron_emo.data.gpt_data import build_train_dataset  # noqa: E402
-from megatron_emo.data.tokenizer import padded_vocab_size  # noqa: E402
 from megatron_emo.recipes import apply_override, get_recipe, validate_run  # noqa: E402
 from megatron_emo.routing import router  # noqa: E402
 from megatron_emo.training.cpu_mode import cuda_on_cpu  # noqa: E402
@@ -137,14 +136,13 @@ def environment(run, config, runtime, args) -> dict:
 
 def dataset_for(run, args):
     """(dataset, vocabulary size, EOS id) of the run's data or of synthetic documents."""
-    tp = run.model.get("tensor_model_parallel_size", 1)
-    divisible, samples = run.gpt.make_vocab_size_divisible_by, (args.warmup + args.steps + args.profile_steps)
+    samples = args.warmup + args.steps + args.profile_steps
     if args.data == "synthetic":
-        vocab = max(padded_vocab_size(run.data.demo_vocab_size, divisible, tp), run.gpt.min_vocab_size)
+        vocab = run.model_vocab_size(run.data.demo_vocab_size)
         return SyntheticDocuments(seq_length=run.data.seq_length, vocab_size=vocab, eos_id=SYNTHETIC_EOS,
                                   docs_per_row=args.docs_per_row), vocab, SYNTHETIC_EOS
     blend, tokenizer = resolve_data(run)
-    vocab = max(padded_vocab_size(tokenizer.vocab_size, divisible, tp), run.gpt.min_vocab_size)
+    vocab = run.model_vocab_size(tokenizer.vocab_size)
     dataset = build_train_dataset(blend, tokenizer, seq_length=run.data.seq_length,
                                   num_samples=samples * run.data.global_batch_size, seed=run.data.seed,
                                   split=run.data.split, cache_dir=run.data.cache_dir)

@@ -20,14 +20,14 @@ interpreter there is one small configuration (16-wide tiles), which also makes t
 small shapes span several tiles.
 """
 
-import os
-
 import triton
+
+from megatron_emo.kernels.dispatch import triton_interpreting
 
 KEY = ["N_OUT", "K", "EPILOGUE", "stride_bn", "ROWS_PER_EXPERT"]
 WGRAD_KEY = ["N_OUT", "K", "ROWS_PER_EXPERT"]
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+INTERPRETING = triton_interpreting()
 """Read once, as Triton reads it when the kernels are defined."""
 
 

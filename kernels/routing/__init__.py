@@ -12,29 +12,17 @@ Each path is logged once per process at INFO.
 """
 
 import logging
-import os
 from typing import Optional
 
 import torch
 
+from megatron_emo.kernels.dispatch import select_path
 from megatron_emo.kernels.routing import reference
 from megatron_emo.logs import log_once
 
+__all__ = ["route", "select_path"]
+
 logger = logging.getLogger(__name__)
-
-
-def select_path(device: torch.device) -> str:
-    """The implementation :func:`route` uses for tensors on ``device``.
-
-    Returns:
-        ``"triton"``, ``"triton-interpreter"`` or ``"reference"``.
-    """
-    if device.type == "cuda":
-        return "triton"
-    # Same spelling as Triton's own switch (knobs.env_bool).
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
-        return "triton-interpreter"
-    return "reference"
 
 
 def _triton_impl():

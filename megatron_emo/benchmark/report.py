@@ -20,9 +20,9 @@ def _ok(records: list[dict]) -> dict[str, dict]:
 def add_ratios(records: list[dict]) -> None:
     """Per case: its tokens/s and router time against ``emo`` (``vs_emo``), in place."""
     emo = _ok(records).get("emo")
+    if emo is None:
+        return
     for record in _ok(records).values():
-        if emo is None:
-            continue
         ratios = {"tokens_per_s": record["tokens_per_s_per_gpu"] / emo["tokens_per_s_per_gpu"]}
         router, emo_router = (r.get("breakdown_ms", {}).get("router") for r in (record, emo))
         if router and emo_router:

@@ -111,9 +111,7 @@ def rewrite_folder_as_emo(folder: os.PathLike, *, num_shared: int, max_shard_siz
                             num_shared=num_shared)
     for old in list(folder.glob("model*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
         old.unlink()
-    ordered = dict(sorted(tensors.items(), key=lambda item: tuple(int(p) if p.isdigit() else p for p in item[0].split("."))))
-    hf_folder.write_hf_weights(folder, ordered.items(), {n: tuple(t.shape) for n, t in ordered.items()},
-                               next(iter(ordered.values())).dtype, max_shard_size=max_shard_size)
+    hf_folder.write_hf_tensors(folder, tensors, max_shard_size=max_shard_size)
     (folder / "config.json").write_text(json.dumps(emo_config(qwen_config, num_shared=num_shared), indent=2) + "\n")
 
 

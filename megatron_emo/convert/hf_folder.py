@@ -116,6 +116,19 @@ def write_hf_weights(
     return names
 
 
+def _natural_key(name: str) -> tuple:
+    """Numbers compare as numbers: ``experts.10`` after ``experts.9``."""
+    return tuple(int(part) if part.isdigit() else part for part in name.split("."))
+
+
+def write_hf_tensors(output_dir: os.PathLike, tensors: dict[str, torch.Tensor], *, max_shard_size="5GB") -> list[str]:
+    """:func:`write_hf_weights` of an in-memory dict (one dtype), in natural name order."""
+    ordered = {name: tensors[name] for name in sorted(tensors, key=_natural_key)}
+    shapes = {name: tuple(tensor.shape) for name, tensor in ordered.items()}
+    dtype = next(iter(ordered.values())).dtype
+    return write_hf_weights(output_dir, ordered.items(), shapes, dtype, max_shard_size=max_shard_size)
+
+
 def save_hf_model(
     output_dir: os.PathLike,
     state_dict: dict,

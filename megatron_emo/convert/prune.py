@@ -27,6 +27,7 @@ from typing import Iterable, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_emo.analysis.usage import document_rows
 from megatron_emo.convert import hf_folder
 from megatron_emo.convert.qwen2_moe import ConversionError
 
@@ -126,12 +127,6 @@ def prune_state_dict(tensors: dict, kept: list[list[int]]) -> dict:
     return out
 
 
-def _expert_key(name: str):
-    """Order expert tensors numerically (experts.10 after experts.9), as the export writes them."""
-    parts = name.split(".")
-    return tuple(int(p) if p.isdigit() else p for p in parts)
-
-
 def write_pruned(hf_dir: os.PathLike, output: os.PathLike, kept: list[list[int]], *, method: str,
                  calibration: dict, max_shard_size="5GB") -> None:
     """Write the pruned copy of the folder ``hf_dir`` to ``output`` (replaced if present)."""
@@ -141,14 +136,11 @@ def write_pruned(hf_dir: os.PathLike, output: os.PathLike, kept: list[list[int]]
     if any(len(layer) != keep for layer in kept):
         raise ConversionError("every layer must keep the same number of experts (Qwen2-MoE has one num_experts)")
     tensors = prune_state_dict(hf_folder.read_hf_weights(hf_dir), kept)
-    ordered = {name: tensors[name] for name in sorted(tensors, key=_expert_key)}
-    dtype = next(iter(ordered.values())).dtype
     tmp = output.with_name(f".tmp-{output.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        hf_folder.write_hf_weights(tmp, ordered.items(), {n: tuple(t.shape) for n, t in ordered.items()}, dtype,
-                                   max_shard_size=max_shard_size)
+        hf_folder.write_hf_tensors(tmp, tensors, max_shard_size=max_shard_size)
         original_experts = config["num_experts"]
         config["num_experts"] = keep
         config["num_experts_per_tok"] = min(config["num_experts_per_tok"], keep)
@@ -172,13 +164,9 @@ def token_batches(tokenizer, texts: Iterable[str], *, seq_length: int, max_token
     (no row crosses a document: the HF model attends across EOS, ours does not)."""
     rows, total = [], 0
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids) - 1, seq_length):
-            row = ids[start:start + seq_length]
-            if len(row) < 2:
-                continue
-            rows.append(torch.tensor([row]))
-            total += len(row)
+        for row in document_rows(tokenizer(text, add_special_tokens=False)["input_ids"], seq_length):
+            rows.append(row)
+            total += row.shape[1]
             if max_tokens is not None and total >= max_tokens:
                 return rows
     return rows

@@ -224,13 +224,8 @@ def megatron_shapes(d: Dims) -> dict[str, tuple]:
     if d.shared_ffn:
         per_layer["mlp.shared_experts.linear_fc1.weight"] = (2 * d.shared_ffn, h)
         per_layer["mlp.shared_experts.linear_fc2.weight"] = (h, d.shared_ffn)
-    shapes = {"embedding.word_embeddings.weight": (d.vocab, h)}
-    for layer in range(d.num_layers):
-        shapes.update({f"decoder.layers.{layer}.{name}": shape for name, shape in per_layer.items()})
-    shapes["decoder.final_layernorm.weight"] = (h,)
-    if not d.tied:
-        shapes["output_layer.weight"] = (d.vocab, h)
-    return shapes
+    return _model_shapes(d, per_layer, "embedding.word_embeddings.weight", "decoder.layers.",
+                         "decoder.final_layernorm.weight", "output_layer.weight")
 
 
 def hf_shapes(d: Dims) -> dict[str, tuple]:
@@ -253,12 +248,18 @@ def hf_shapes(d: Dims) -> dict[str, tuple]:
     per_layer["mlp.shared_expert.up_proj.weight"] = (d.shared_ffn, h)
     per_layer["mlp.shared_expert.down_proj.weight"] = (h, d.shared_ffn)
     per_layer["mlp.shared_expert_gate.weight"] = (1, h)
-    shapes = {"model.embed_tokens.weight": (d.vocab, h)}
+    return _model_shapes(d, per_layer, "model.embed_tokens.weight", "model.layers.", "model.norm.weight",
+                         "lm_head.weight")
+
+
+def _model_shapes(d: Dims, per_layer: dict, embedding: str, layers: str, final_norm: str, output: str) -> dict:
+    """Embedding, ``per_layer`` for every layer (``<layers><L>.<name>``), final norm, untied output."""
+    shapes = {embedding: (d.vocab, d.hidden)}
     for layer in range(d.num_layers):
-        shapes.update({f"model.layers.{layer}.{name}": shape for name, shape in per_layer.items()})
-    shapes["model.norm.weight"] = (h,)
+        shapes.update({f"{layers}{layer}.{name}": shape for name, shape in per_layer.items()})
+    shapes[final_norm] = (d.hidden,)
     if not d.tied:
-        shapes["lm_head.weight"] = (d.vocab, h)
+        shapes[output] = (d.vocab, d.hidden)
     return shapes
 
 
@@ -537,7 +538,8 @@ def _layer_to_hf(tensors, layer, rules, layer_names, d, dtype):
                     produced[template.format(L=layer, E=e)] = part[e]
             else:
                 produced[template.format(L=layer)] = part
-    produced[prefix + "mlp.shared_expert_gate.weight"] = torch.zeros(1, d.hidden, dtype=dtype)
+    for template in HF_ONLY:
+        produced[template.format(L=layer)] = torch.zeros(1, d.hidden, dtype=dtype)
     if not d.shared_ffn:
         for template in HF_EMPTY_SHARED:
             shape = (d.hidden, 0) if "down_proj" in template else (0, d.hidden)

@@ -54,7 +54,6 @@ def prepare_demo_data(output_dir: str | os.PathLike, *, vocab_size: int = 2048, 
     return manifest
 
 
-
 def domain_texts(demo_dir: str | os.PathLike, domain: str, held_out_share: float = 0.02) -> tuple[list[str], list[str]]:
     """A demo domain's documents as (training share, held-out share): training's data.split
     '98,2,0' gives each dataset's last 2% of documents to validation."""

@@ -64,13 +64,13 @@ def read_documents(paths: Iterable[str | os.PathLike], text_key: str, strict: bo
             raise FileNotFoundError(f"input {path} does not exist")
         if path.suffix not in JSON_SUFFIXES:
             try:
-                texts = [(f"{path}", path.read_bytes().decode("utf-8"))]
+                texts = [path.read_bytes().decode("utf-8")]
             except UnicodeDecodeError as error:
                 _note_problem(summary, str(path), f"not UTF-8 ({error.reason} at byte {error.start})", strict)
                 continue
         else:
             texts = _json_lines(path, text_key, strict, summary)
-        for _, text in texts:
+        for text in texts:
             if not text.strip():
                 summary.skipped_empty += 1
                 continue
@@ -95,4 +95,4 @@ def _json_lines(path: Path, text_key: str, strict: bool, summary: PreprocessSumm
             if not isinstance(text, str):
                 _note_problem(summary, where, f"no string under key {text_key!r}", strict)
                 continue
-            yield where, text
+            yield text

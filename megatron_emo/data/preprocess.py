@@ -16,7 +16,6 @@ from megatron_emo.data.inputs import InputError, PreprocessSummary, read_documen
 from megatron_emo.data.tokenizer import Tokenizer, encode_in_worker, init_worker
 
 
-
 def preprocess(
     inputs: list[str | os.PathLike],
     output_prefix: str | os.PathLike,

@@ -76,7 +76,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_emo.config import ConfigError
-from megatron_emo.data.tokenizer import padded_vocab_size
 from megatron_emo.parallel.layout import ExpertLayout, check_layout, data_parallel_size
 from megatron_emo.recipes import RunConfig, validate_run
 
@@ -197,8 +196,7 @@ class MemoryEstimate:
 def build_config(run: RunConfig, vocab_size: int):
     """The run's EmoConfig as it trains on GPU (bf16 unless the recipe says otherwise), with
     the vocabulary padded as training pads it; any invalid field raises ConfigError."""
-    tp = run.model.get("tensor_model_parallel_size", 1)
-    padded = max(padded_vocab_size(vocab_size, run.gpt.make_vocab_size_divisible_by, tp), run.gpt.min_vocab_size)
+    padded = run.model_vocab_size(vocab_size)
     try:
         return run.emo_config(vocab_size=padded, eos_token_id=0, on_gpu=True)
     except (ValueError, AssertionError) as error:  # megatron-core's checks raise both

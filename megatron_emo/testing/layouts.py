@@ -25,7 +25,7 @@ from megatron_emo.recipes import OptimConfig
 from megatron_emo.routing.router import DocumentPooledRouter
 from megatron_emo.training.cpu_mode import cuda_on_cpu
 from megatron_emo.training.distributed import init_model_parallel
-from megatron_emo.training.loop import forward_step, microbatch_samples
+from megatron_emo.training.loop import forward_step, mean_loss, microbatch_samples
 from megatron_emo.training.optimizer import cpu_stepper
 
 EOS = 2
@@ -98,14 +98,14 @@ def run_layout(rank: int, world_size: int, layout: dict, micro_batch_size: int, 
     """
     with cuda_on_cpu():
         config = tiny_config(**layout)
-        init_model_parallel(config, seed=seed)
+        runtime = init_model_parallel(config, seed=seed)
         try:
-            return _train(config, micro_batch_size, tokens, weights, steps)
+            return _train(config, runtime, micro_batch_size, tokens, weights, steps)
         finally:
             parallel_state.destroy_model_parallel()
 
 
-def _train(config, micro_batch_size, tokens, weights, steps):
+def _train(config, runtime, micro_batch_size, tokens, weights, steps):
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
     seq_length = tokens.shape[1] - 1
     model = build_model_chunks(config, max_sequence_length=seq_length, rotary_base=10_000)
@@ -116,8 +116,7 @@ def _train(config, micro_batch_size, tokens, weights, steps):
     stepper = cpu_stepper(model, OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0), steps)
     routes, sample_index, grads, losses = {}, [None], None, []
     hooks = _record_routes(model, routes, sample_index)
-    dp_size = parallel_state.get_data_parallel_world_size()
-    num_microbatches = tokens.shape[0] // (micro_batch_size * dp_size)
+    num_microbatches = tokens.shape[0] // (micro_batch_size * runtime.data_parallel_size)
 
     def batches(step):
         for batch in _batches(tokens, micro_batch_size, step):
@@ -138,7 +137,7 @@ def _train(config, micro_batch_size, tokens, weights, steps):
             micro_batch_size=micro_batch_size,
             forward_only=False,
         )
-        losses.append(_step_loss(outputs))
+        losses.append(mean_loss(outputs, runtime))
         if step == 0:
             grads = full_tensors(model, config, lambda param: param.grad)
             for hook in hooks:
@@ -146,18 +145,9 @@ def _train(config, micro_batch_size, tokens, weights, steps):
         stepper.step()
         stepper.scheduler.step(increment=1)
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object((routes, losses), gathered, dst=0)
+    dist.gather_object(routes, gathered, dst=0)
     if gathered is None:
         return None
-    all_routes = {key: value for rank_routes, _ in gathered for key, value in rank_routes.items()}
-    step_losses = next(rank_losses for _, rank_losses in gathered if rank_losses[0] is not None)
-    return {"losses": step_losses, "routes": all_routes, "grads": grads, "weights": initial}
+    all_routes = {key: value for rank_routes in gathered for key, value in rank_routes.items()}
+    return {"losses": losses, "routes": all_routes, "grads": grads, "weights": initial}
 
-
-def _step_loss(outputs) -> float:
-    """Token-weighted LM loss of the step over data-parallel ranks, on the last stage (None elsewhere)."""
-    if not parallel_state.is_pipeline_last_stage():
-        return None
-    totals = torch.stack([item["lm_loss"] for item in outputs]).sum(dim=0)
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    return float(totals[0] / totals[1])

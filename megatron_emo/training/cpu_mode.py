@@ -98,9 +98,9 @@ def cuda_on_cpu():
     """Map megatron-core's CUDA calls to the CPU for the duration of the block."""
     if torch.cuda.is_available():
         raise RuntimeError("cuda_on_cpu() is for machines without a GPU")
-    # megatron-core calls the RNG functions through torch.cuda.random as well.
-    targets = [(module, name) for module in (torch.cuda, torch.cuda.random) for name in _STAND_INS
-               if hasattr(module, name) and (module is torch.cuda or name.endswith("rng_state"))]
+    # megatron-core calls the RNG state functions through torch.cuda.random as well.
+    targets = [(torch.cuda, name) for name in _STAND_INS]
+    targets += [(torch.cuda.random, name) for name in ("get_rng_state", "set_rng_state")]
     saved = {(module, name): getattr(module, name) for module, name in targets}
     for module, name in targets:
         setattr(module, name, _STAND_INS[name])

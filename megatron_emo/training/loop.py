@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from megatron_emo.data.demo_data import prepare_demo_data
 from megatron_emo.data.gpt_data import build_train_dataset, collate
 from megatron_emo.data.indexed import check_dataset
-from megatron_emo.data.tokenizer import Tokenizer, padded_vocab_size
+from megatron_emo.data.tokenizer import Tokenizer
 from megatron_emo.model.gpt import build_model_chunks
 from megatron_emo.config import ConfigError
 from megatron_emo.recipes import RunConfig, validate_run
@@ -159,12 +159,7 @@ def _train(run: RunConfig) -> list[dict]:
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
     data = run.data
     blend, tokenizer = resolve_data(run)
-    vocab_size = max(
-        padded_vocab_size(
-            tokenizer.vocab_size, run.gpt.make_vocab_size_divisible_by, run.model.get("tensor_model_parallel_size", 1)
-        ),
-        run.gpt.min_vocab_size,
-    )
+    vocab_size = run.model_vocab_size(tokenizer.vocab_size)
     on_gpu = torch.cuda.is_available()
     config = run.emo_config(vocab_size=vocab_size, eos_token_id=tokenizer.eos_id, on_gpu=on_gpu)
     runtime = init_model_parallel(config, seed=run.train.seed)
@@ -260,7 +255,7 @@ def _train(run: RunConfig) -> list[dict]:
             started = time.perf_counter()
             lr = stepper.optimizer.param_groups[0]["lr"]
             losses = forward_backward_step(step, model, stepper, forward_backward, step_forward, dataset, run,
-                                       runtime, num_microbatches)
+                                           runtime, num_microbatches)
             loss = mean_loss(losses, runtime)
             grad_norm, applied = stepper.step() if math.isfinite(loss) else (float("nan"), False)
             if applied:

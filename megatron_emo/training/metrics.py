@@ -94,6 +94,7 @@ class MetricsWriter:
         (self.output_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str))
         (self.output_dir / "run_info.json").write_text(json.dumps(run_info(), indent=2))
         self.jsonl = self._open_jsonl(self.output_dir / "metrics.jsonl", resume_step)
+        self.eval_jsonl = self._open_jsonl(self.output_dir / "eval.jsonl", resume_step)
         if run.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -140,8 +141,8 @@ class MetricsWriter:
         if not self.enabled or not results:
             return
         logger.info("eval step %d | %s", step, " | ".join(f"{k[5:]} {v:.4g}" for k, v in results.items()))
-        with open(self.output_dir / "eval.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **results}) + "\n")
+        self.eval_jsonl.write(json.dumps({"step": step, **results}) + "\n")
+        self.eval_jsonl.flush()
         self._log_scalars(results, step)
 
     def _log_scalars(self, tags: dict[str, float], step: int) -> None:
@@ -155,6 +156,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         self.jsonl.close()
+        self.eval_jsonl.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:

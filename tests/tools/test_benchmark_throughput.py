@@ -19,7 +19,6 @@ from megatron_emo.data.demo_corpus import docs_documents
 from megatron_emo.data.preprocess import preprocess
 from megatron_emo.data.tokenizer import train_tokenizer
 from megatron_emo.routing import reference
-from megatron_emo.training.flops import training_flops_per_token
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 CASES = ["emo", "topk", "dense", "loop-router", "mcore-moe"]
@@ -201,12 +200,3 @@ def test_synthetic_documents():
     with pytest.raises(ValueError, match="docs_per_row=60"):
         SyntheticDocuments(seq_length=50, vocab_size=100, eos_id=2, docs_per_row=60)
 
-
-def test_proxy_recipe_flops_by_hand():
-    from megatron_emo.recipes import get_recipe
-
-    config = get_recipe("proxy_1gpu").emo_config(vocab_size=100_352, eos_token_id=3, on_gpu=False)
-    # h 2048, 16 heads of 128, s 4096, 127 routed top-7 + 1 shared of 1024, 3 layers, V 100,352.
-    layer = 2 * 2048 * (3 * 2048) + 2 * 2048 * 2048 + 4 * 4096 * 2048 + 2 * 2048 * 127 + 8 * 3 * 2 * 2048 * 1024
-    expected = 3 * (3 * layer + 2 * 2048 * 100_352)
-    assert training_flops_per_token(config, seq_length=4096, vocab_size=100_352) == expected
