@@ -17,6 +17,8 @@ setup(
         # 0.17+ needs Python 3.12 and replaced the ModuleSpec layer specs we plug into.
         "megatron-core>=0.16.1,<0.17",
         "numpy",
+        # megatron-core's checkpoint writer needs it (and does not declare it).
+        "psutil",
         "sentencepiece",
         "tensorboard",
         "tqdm",

@@ -86,6 +86,9 @@ class TrainConfig:
     """Write checkpoints to ``output_dir/checkpoints`` (every ``save_interval`` steps, at the end,
     and on SIGTERM/SIGUSR1)."""
     save_interval: int = 1000
+    async_save: bool = False
+    """GPU: write checkpoints in background processes while training goes on (the state is
+    copied to host memory first); each is published once every rank has written it."""
     keep_last: int = 2
     """Checkpoints kept besides the every-``keep_every`` ones."""
     keep_every: int = 0

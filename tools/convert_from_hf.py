@@ -53,7 +53,8 @@ def convert(args) -> list[str]:
     from megatron_emo.convert.emo_layout import from_emo_layout, qwen_config_from_emo
     from megatron_emo.convert.qwen2_moe import from_hf_config, from_hf_state_dict
     from megatron_emo.recipes import get_recipe
-    from megatron_emo.training.checkpoint import write_checkpoint
+    from megatron_emo.training.checkpoint import write_weights_checkpoint
+    from megatron_emo.training.distributed import process_group
 
     hf_dir, output = Path(args.hf), Path(args.output)
     if not (hf_dir / "config.json").is_file():
@@ -81,7 +82,8 @@ def convert(args) -> list[str]:
     if output.exists():
         shutil.rmtree(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(output, {"step": 0, "model": state}, run, tokenizer if tokenizer.is_file() else None)
+    with process_group():
+        write_weights_checkpoint(output, state, run, tokenizer if tokenizer.is_file() else None)
     return [f"{key}={value!r}" for key, value in overrides.items()] + [f"train.init_from={str(output)!r}"]
 
 

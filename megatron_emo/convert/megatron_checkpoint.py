@@ -1,11 +1,11 @@
 """Read a megatron_emo training checkpoint for conversion: find it, verify it, rebuild its config.
 
-A checkpoint (see :mod:`megatron_emo.training.checkpoint`) is ``<run>/checkpoints/step_N/`` with
-``state.pt`` (``"model"``: the bare GPTModel state dict), ``run_config.json``
-(``dataclasses.asdict(RunConfig)``) and ``manifest.json``. The model config is rebuilt as the
-training loop builds it, except that the vocabulary is the checkpoint's embedding rows (the
-padded size the run used) and parallelism is reset to one rank: the checkpoint holds full
-tensors.
+A checkpoint (see :mod:`megatron_emo.training.checkpoint`) is ``<run>/checkpoints/step_N/``: a
+megatron-core sharded checkpoint whose model tensors are keyed and shaped as one process holds
+them, ``run_config.json`` (``dataclasses.asdict(RunConfig)``) and ``manifest.json``. Whatever
+layout saved it, the weights are read whole here. The model config is rebuilt as the training
+loop builds it, except that the vocabulary is the checkpoint's embedding rows (the padded size
+the run used) and parallelism is reset to one rank.
 """
 
 import dataclasses
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
+from megatron.core import dist_checkpointing
 
 from megatron_emo.config import EmoConfig
 from megatron_emo.convert.qwen2_moe import GPTSettings
@@ -24,12 +24,13 @@ from megatron_emo.recipes import RunConfig
 from megatron_emo.training.checkpoint import (
     LATEST,
     MANIFEST,
-    STATE_FILE,
     TOKENIZER_FILE,
     CheckpointError,
     find_latest,
+    read_tensors,
     verify_checkpoint,
 )
+from megatron_emo.training.distributed import process_group
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def resolve_checkpoint(path: os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    if (path / STATE_FILE).exists() or (path / MANIFEST).exists():
+    if (path / MANIFEST).exists():
         return path
     for root in (path, path / "checkpoints"):
         if (root / LATEST).is_file():
@@ -58,7 +59,7 @@ def resolve_checkpoint(path: os.PathLike) -> Path:
             if latest is not None:
                 return latest
     raise CheckpointError(
-        f"{path} is not a checkpoint: expected a step_N folder with {STATE_FILE}, or a folder with a "
+        f"{path} is not a checkpoint: expected a step_N folder with {MANIFEST}, or a folder with a "
         f"'{LATEST}' pointer (a run's checkpoints folder)"
     )
 
@@ -119,7 +120,7 @@ class LoadedCheckpoint:
     run: RunConfig
     step: int
     state_dict: dict
-    """The bare GPTModel state dict (``_extra_state`` entries included)."""
+    """The one-process weights by GPTModel parameter name."""
 
     def vocab_size(self) -> int:
         return self.state_dict["embedding.word_embeddings.weight"].shape[0]
@@ -145,15 +146,14 @@ def load_checkpoint_for_export(path: os.PathLike, *, verify: bool = True) -> Loa
         verify_checkpoint(checkpoint)
     run = read_run_config(checkpoint)
     try:
-        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # noqa: BLE001  (any unpickling failure means a bad file)
-        raise CheckpointError(f"checkpoint {checkpoint}: {STATE_FILE} cannot be read ({error})") from error
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"checkpoint {checkpoint}: {STATE_FILE} has no 'model' state")
-    model = state["model"]
+        with process_group():
+            model = read_tensors(checkpoint)
+            step = dist_checkpointing.load_common_state_dict(str(checkpoint)).get("step", -1)
+    except Exception as error:  # noqa: BLE001  (any failure to read the files means a bad checkpoint)
+        raise CheckpointError(f"checkpoint {checkpoint} cannot be read ({type(error).__name__}: {error})") from error
     if "embedding.word_embeddings.weight" not in model:
         raise CheckpointError(
             f"checkpoint {checkpoint}: the model state has no embedding.word_embeddings.weight "
-            "(a pipeline-parallel stage, or not a megatron_emo GPTModel)"
+            "(not a megatron_emo GPTModel)"
         )
-    return LoadedCheckpoint(path=checkpoint, run=run, step=int(state.get("step", -1)), state_dict=model)
+    return LoadedCheckpoint(path=checkpoint, run=run, step=int(step), state_dict=model)

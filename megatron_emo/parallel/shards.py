@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron_emo.parallel.layout import ExpertLayout
 
 ROUTED_FC1, ROUTED_FC2 = "experts.fc1", "experts.fc2"
+TIED_INPUT, TIED_OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class ShardSpec:
     """The TP dim holds [gate | up] halves, each split separately."""
     expert: bool = False
     """Routed-expert weight: dim 0 split over EP, replicated over expert-data-parallel ranks."""
+    duplicate: bool = False
+    """A copy of a parameter another pipeline stage holds (the tied output layer of the last
+    stage): never the parameter's main replica."""
 
 
 def _split_glu(tensor: torch.Tensor, dim: int, glu: bool) -> list[torch.Tensor]:
@@ -129,6 +133,9 @@ def parameter_shards(model, config) -> list[tuple[torch.nn.Parameter, ShardSpec]
                 spec = ShardSpec(full_name, tp_dim=2, glu=True, expert=True)
             elif local.endswith(ROUTED_FC2):
                 spec = ShardSpec(full_name, tp_dim=1, expert=True)
+            elif local == TIED_OUTPUT and getattr(param, "shared_embedding", False):
+                # One process has no output weight when tied: this copy is the embedding's.
+                spec = ShardSpec(TIED_INPUT, tp_dim=param.partition_dim, duplicate=True)
             elif getattr(param, "tensor_model_parallel", False):
                 glu = config.gated_linear_unit and local.endswith("linear_fc1.weight")
                 spec = ShardSpec(full_name, tp_dim=param.partition_dim, glu=glu)
@@ -167,7 +174,7 @@ def full_tensors(
     coords = _coordinates()
     pieces = []
     for param, spec in parameter_shards(model, config):
-        first_replica = coords["expert_replica" if spec.expert else "dense_replica"] == 0
+        first_replica = coords["expert_replica" if spec.expert else "dense_replica"] == 0 and not spec.duplicate
         tensor = tensor_of(param)
         if first_replica and tensor is not None:
             pieces.append((spec, tensor.detach().cpu()))

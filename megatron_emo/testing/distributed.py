@@ -85,7 +85,7 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
             context.Process(
                 target=_worker,
                 args=(fn, rank, world_size, init_method, backend, results, args),
-                daemon=True,
+                daemon=False,
             )
             for rank in range(world_size)
         ]

@@ -1,25 +1,29 @@
-"""Checkpoints that are either complete or invisible, and verified when loaded.
+"""Checkpoints that are either complete or invisible, verified when loaded, and loadable under
+any parallel layout.
 
 Layout under ``<output_dir>/checkpoints/``::
 
-    step_00000200/state.pt        model, optimizer, LR scheduler, step, RNG states
+    step_00000200/__0_0.distcp …  every rank's tensors   megatron-core dist_checkpointing
+    step_00000200/.metadata      where each piece lies    ("torch_dist": torch.distributed.checkpoint)
+    step_00000200/common.pt      step, schedule, optimizer kind, world size
+    step_00000200/metadata.json  megatron-core's format marker
     step_00000200/run_config.json the run the checkpoint was trained with
     step_00000200/tokenizer.model the tokenizer it was trained with
     step_00000200/manifest.json   size and SHA-256 of every file, written last
     latest                        the name of the newest complete checkpoint
 
-A checkpoint is written into ``.tmp-step_…``, flushed, and published by renaming the folder; the
-``latest`` pointer is then replaced atomically. A save killed half-way leaves only a ``.tmp-``
-folder, which resuming reports and ignores. Loading checks every file against the manifest, so a
-truncated or tampered file is rejected by name.
+What the state holds is :mod:`megatron_emo.training.checkpoint_state`; its tensors are keyed and
+shaped as one process holds them (:mod:`megatron_emo.parallel.sharded_state`), so a run saved on
+EP4 resumes on EP2 or on one GPU, and a CPU run on another layout likewise.
 
-The data position needs no state: sample ``i`` of a run is a pure function of ``i`` and the
-step, and pools are hashed from the step, so restoring the step resumes at the exact sample.
-
-Any layout saves and loads: ``state.pt`` holds the one-process form of the weights and, on the
-CPU, of the AdamW moments (:mod:`megatron_emo.training.full_state`); rank 0 gathers and writes,
-every rank loads its slice. GPU checkpoints hold megatron-core's optimizer state and are written
-by single-GPU runs (multi-GPU runs need megatron-core's sharded checkpoints, not written yet).
+Every rank writes its own pieces into ``.tmp-step_…``; the ranks then hash the files (each a
+share), rank 0 writes the manifest, flushes, publishes the folder by renaming it, and replaces
+the ``latest`` pointer atomically. A save killed half-way leaves only a ``.tmp-`` folder, which
+resuming reports and ignores. On GPU the write may run in the background
+(``train.async_save``): the folder is published when every rank's write has finished.
+Loading checks every file against the manifest (the ranks share the hashing), so a truncated or
+tampered file is rejected by name, and a checkpoint of another model shape is rejected with the
+differing tensors and config fields.
 """
 
 import dataclasses
@@ -28,38 +32,53 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-from megatron_emo.parallel.shards import chunks_of, load_full_weights
-from megatron_emo.training.full_state import (
-    full_optimizer_state,
-    full_parameter_shapes,
-    full_weights,
-    load_full_optimizer_state,
+from megatron_emo.parallel.shards import chunks_of
+from megatron_emo.parallel.sharded_state import sharded_tensors
+from megatron_emo.training.checkpoint_state import (
+    CPU_OPTIMIZER,
+    load_model,
+    optimizer_kind,
+    restore,
+    training_state,
 )
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 MANIFEST = "manifest.json"
+RUN_CONFIG = "run_config.json"
 LATEST = "latest"
 TOKENIZER_FILE = "tokenizer.model"
 TMP_PREFIX = ".tmp-"
+OPTIMIZER_PREFIX = "optimizer."
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded as it is; the message names the file."""
 
 
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: hashing, manifest, publication
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
+        os.fsync(f.fileno())  # flushed to storage before the folder is published
     return digest.hexdigest()
 
 
@@ -78,72 +97,142 @@ def _write_json(path: Path, value) -> None:
         os.fsync(f.fileno())
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
 
 
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def _share(names: list[str]) -> list[str]:
+    """This rank's share of ``names`` (the ranks hash and verify files in parallel)."""
+    return names[dist.get_rank()::dist.get_world_size()]
 
 
-def write_checkpoint(final: Path, state: dict, run, tokenizer_file: Optional[Path] = None) -> Path:
-    """Write ``state`` (with the run config, tokenizer and manifest) as the folder ``final``,
-    atomically: into a temporary folder, flushed, then renamed."""
-    tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with open(tmp / STATE_FILE, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _write_json(tmp / "run_config.json", dataclasses.asdict(run))
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-    files = sorted(p.name for p in tmp.iterdir())
-    _write_json(tmp / MANIFEST, {name: {"bytes": (tmp / name).stat().st_size,
-                                        "sha256": _sha256(tmp / name)} for name in files})
-    _fsync_dir(tmp)
-    if final.exists():  # a re-save of the same step (e.g. after a resume)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    return final
+def _all_ranks(values: dict) -> dict:
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    return {key: value for part in gathered for key, value in part.items()}
 
 
-def _is_cpu_optimizer(optimizer) -> bool:
-    return isinstance(optimizer, torch.optim.Optimizer)
-
-
-def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, run,
-                    tokenizer_file: Optional[Path] = None) -> Path:
-    """Write checkpoint ``step`` under ``root`` and point ``latest`` at it. Every rank takes
-    part (rank 0 gathers the one-process state and writes; the others wait for it)."""
-    final = root / checkpoint_name(step)
-    weights = full_weights(model)
-    # On GPU (one rank) megatron-core's optimizer state, fp32 main weights included.
-    optimizer_state = full_optimizer_state(model, optimizer) if _is_cpu_optimizer(optimizer) else optimizer.state_dict()
+def _publish(tmp: Path, final: Path, run, tokenizer_file: Optional[Path]) -> Path:
+    """Add the run config and tokenizer to the written folder ``tmp``, hash every file, write
+    the manifest and publish ``tmp`` as ``final`` with ``latest`` pointing at it. Every rank
+    takes part."""
     if dist.get_rank() == 0:
-        state = {
-            "step": step,
-            "model": weights,
-            "optimizer": optimizer_state,
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-        }
-        write_checkpoint(final, state, run, tokenizer_file)
-        pointer = root / f"{TMP_PREFIX}{LATEST}"
+        _write_json(tmp / RUN_CONFIG, dataclasses.asdict(run))
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+    dist.barrier()
+    names = _files(tmp)
+    manifest = _all_ranks({name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                           for name in _share(names)})
+    if dist.get_rank() == 0:
+        _write_json(tmp / MANIFEST, {name: manifest[name] for name in names})
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after a resume)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        pointer = final.parent / f"{TMP_PREFIX}{LATEST}"
         pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / LATEST)
-        _fsync_dir(root)
+        os.replace(pointer, final.parent / LATEST)
+        _fsync_dir(final.parent)
     dist.barrier()
     return final
 
 
+def _fresh_tmp(final: Path) -> Path:
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    return tmp
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+class CheckpointSaver:
+    """Writes a run's checkpoints under ``root`` and applies the retention rules.
+
+    With ``asynchronous`` (GPU only: the state is copied to host memory before training goes
+    on) the files are written by background processes and each checkpoint is published by
+    :meth:`poll` or :meth:`wait` once every rank has finished writing it.
+    """
+
+    def __init__(self, root: Path, *, run, tokenizer_file: Optional[Path] = None, asynchronous: bool = False,
+                 on_published: Callable[[Path, float], None] = lambda path, seconds: None):
+        if asynchronous and not torch.cuda.is_available():
+            raise ValueError("asynchronous checkpoint saving needs a GPU")
+        self.root, self.run, self.tokenizer_file = Path(root), run, tokenizer_file
+        self.on_published = on_published
+        self.queue = AsyncCallsQueue() if asynchronous else None
+
+    def save(self, step: int, *, model, optimizer, scheduler) -> None:
+        """Checkpoint ``step`` (every rank calls it); published now, or later when asynchronous."""
+        started = time.perf_counter()
+        self.wait()  # one save in flight at a time
+        final = self.root / checkpoint_name(step)
+        tmp = _fresh_tmp(final)
+        state = training_state(model, optimizer, scheduler, step, is_loading=False)
+
+        def publish():
+            _publish(tmp, final, self.run, self.tokenizer_file)
+            prune_checkpoints(self.root, keep_last=self.run.train.keep_last, keep_every=self.run.train.keep_every)
+            self.on_published(final, time.perf_counter() - started)
+
+        if self.queue is None:
+            dist_checkpointing.save(state, str(tmp))
+            publish()
+        else:
+            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+            request.add_finalize_fn(publish)
+            self.queue.schedule_async_request(request)
+
+    def poll(self) -> None:
+        """Publish the background saves every rank has finished (every rank calls it)."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Finish and publish every background save."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self) -> None:
+        if self.queue is not None:
+            self.wait()
+            self.queue.close()
+
+
+def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, run,
+                    tokenizer_file: Optional[Path] = None) -> Path:
+    """Write checkpoint ``step`` under ``root`` now and point ``latest`` at it (every rank)."""
+    CheckpointSaver(root, run=run, tokenizer_file=tokenizer_file).save(
+        step, model=model, optimizer=optimizer, scheduler=scheduler)
+    return Path(root) / checkpoint_name(step)
+
+
+def write_weights_checkpoint(final: Path, weights: dict[str, torch.Tensor], run,
+                             tokenizer_file: Optional[Path] = None) -> Path:
+    """Publish one-process ``weights`` (e.g. an imported Hugging Face model) as the weights-only
+    checkpoint folder ``final``, which training starts from with ``train.init_from``. Needs a
+    process group (one process is enough)."""
+    final = Path(final)
+    tmp = _fresh_tmp(final)
+    state = {"model": {name: ShardedTensor.from_rank_offsets(name, tensor.contiguous(), replica_id=dist.get_rank())
+                       for name, tensor in weights.items()},
+             "step": 0}
+    dist_checkpointing.save(state, str(tmp))
+    return _publish(tmp, final, run, tokenizer_file)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and checking
+
 def verify_checkpoint(path: Path) -> None:
-    """Raise CheckpointError unless every file matches the manifest."""
+    """Raise CheckpointError unless every file matches the manifest. Inside a process group the
+    ranks share the hashing (every rank must call it)."""
+    path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {path}: {manifest_path} is missing (incomplete checkpoint)")
@@ -151,22 +240,31 @@ def verify_checkpoint(path: Path) -> None:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"checkpoint {path}: {manifest_path} is not valid JSON ({error})") from error
-    for name, expected in manifest.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path}: {file} is missing")
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            raise CheckpointError(
-                f"checkpoint {path}: {file} has {size} bytes, the manifest says {expected['bytes']} "
-                "(truncated or replaced)"
-            )
-        if _sha256(file) != expected["sha256"]:
-            raise CheckpointError(f"checkpoint {path}: {file} does not match its SHA-256 (corrupted or modified)")
+    names = sorted(manifest)
+    errors = {name: _file_error(path, name, manifest[name])
+              for name in (_share(names) if dist.is_initialized() else names)}
+    if dist.is_initialized():
+        errors = _all_ranks(errors)
+    for name in names:
+        if errors[name]:
+            raise CheckpointError(f"checkpoint {path}: {path / name} {errors[name]}")
+
+
+def _file_error(folder: Path, name: str, expected: dict) -> Optional[str]:
+    file = folder / name
+    if not file.is_file():
+        return "is missing"
+    size = file.stat().st_size
+    if size != expected["bytes"]:
+        return f"has {size} bytes, the manifest says {expected['bytes']} (truncated or replaced)"
+    if _sha256(file) != expected["sha256"]:
+        return "does not match its SHA-256 (corrupted or modified)"
+    return None
 
 
 def find_latest(root: Path) -> Optional[Path]:
     """The checkpoint ``latest`` names, or None; reports unfinished saves it ignores."""
+    root = Path(root)
     if not root.is_dir():
         return None
     for unfinished in sorted(root.glob(f"{TMP_PREFIX}step_*")):
@@ -180,67 +278,106 @@ def find_latest(root: Path) -> Optional[Path]:
     return path
 
 
-def _check_fits(model, saved_state: dict, path: Path) -> None:
-    """Raise CheckpointError unless the saved one-process weights fit the model's parameters."""
-    expected = full_parameter_shapes(model)
-    # Only tensors count: older checkpoints hold megatron-core's ``_extra_state`` entries (None).
-    saved_state = {name: value for name, value in saved_state.items() if isinstance(value, torch.Tensor)}
-    missing = sorted(set(expected) - set(saved_state))
-    unexpected = sorted(set(saved_state) - set(expected))
-    mismatched = [
-        f"{name}: checkpoint {tuple(saved_state[name].shape)} vs model {shape}"
-        for name, shape in expected.items()
-        if name in saved_state and tuple(saved_state[name].shape) != shape
-    ]
-    if missing or unexpected or mismatched:
-        details = "; ".join(
-            part for part in (
-                f"missing {missing[:5]}" if missing else "",
-                f"unexpected {unexpected[:5]}" if unexpected else "",
-                "shapes differ: " + ", ".join(mismatched[:5]) if mismatched else "",
-            ) if part
-        )
-        raise CheckpointError(f"checkpoint {path} does not fit this model: {details}")
+def saved_model_shapes(path: Path) -> dict[str, tuple]:
+    """One-process name → shape of every model tensor in checkpoint ``path``."""
+    metadata = dist_checkpointing.load_tensors_metadata(str(path))
+    return {key: tuple(tensor.global_shape) for key, tensor in metadata.items()
+            if not key.startswith(OPTIMIZER_PREFIX)}
 
 
-def load_weights(path: Path, model) -> dict:
-    """Verify ``path`` and load its model weights into ``model`` (this rank's slices of them,
-    whatever layout saved them); return the whole state."""
+def _expected_shapes(model) -> dict[str, tuple]:
+    """One-process name → shape of the model's tensors, over all ranks (every rank calls it)."""
+    shapes = {}
+    for key, value in sharded_tensors(model, chunks_of(model)[0].config).items():
+        pieces = value.build() if isinstance(value, ShardedTensorFactory) else [value]
+        for piece in pieces:
+            shapes[key] = tuple(piece.global_shape)
+    return _all_ranks(shapes)
+
+
+def _config_differences(path: Path, run) -> list[str]:
+    try:
+        saved = json.loads((path / RUN_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    current = dataclasses.asdict(run)
+    return [f"{section}.{name}: checkpoint {saved[section][name]!r} vs run {value!r}"
+            for section in ("model", "gpt") for name, value in current[section].items()
+            if name in saved.get(section, {}) and saved[section][name] != value]
+
+
+def _check_fits(path: Path, model, run) -> None:
+    """Raise CheckpointError unless the checkpoint's model tensors are those of ``model``."""
+    saved, expected = saved_model_shapes(path), _expected_shapes(model)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    mismatched = [f"{name}: checkpoint {saved[name]} vs model {shape}"
+                  for name, shape in sorted(expected.items()) if name in saved and saved[name] != shape]
+    if not (missing or unexpected or mismatched):
+        return
+    details = [part for part in (
+        f"missing {missing[:5]}" if missing else "",
+        f"unexpected {unexpected[:5]}" if unexpected else "",
+        "shapes differ: " + ", ".join(mismatched[:5]) if mismatched else "",
+    ) if part]
+    if run is not None:
+        details += _config_differences(path, run)[:10]
+    raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(details))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def load_weights(path: Path, model, run=None) -> None:
+    """Verify checkpoint ``path`` (any layout, with or without optimizer state) and load its
+    weights into this rank's ``model`` (every rank calls it)."""
+    path = Path(path)
     verify_checkpoint(path)
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    _check_fits(model, state["model"], path)
-    load_full_weights(model, chunks_of(model)[0].config, state["model"])
-    return state
+    _check_fits(path, model, run)
+    load_model(path, model)
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> int:
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, run=None) -> int:
     """Verify ``path``, restore everything, and return the step to continue from."""
-    state = load_weights(path, model)
-    if "optimizer" not in state:
+    path = Path(path)
+    verify_checkpoint(path)
+    _check_fits(path, model, run)
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    if "optimizer_kind" not in common:
         raise CheckpointError(f"checkpoint {path} holds weights only: start from it with train.init_from")
-    saved_on_cpu = "exp_avg" in state["optimizer"]
-    if saved_on_cpu != _is_cpu_optimizer(optimizer):
+    expected_kind = optimizer_kind(optimizer)
+    if common["optimizer_kind"] != expected_kind:
+        def device(kind):
+            return "CPU" if kind == CPU_OPTIMIZER else "GPU"
         raise CheckpointError(
-            f"checkpoint {path} holds the optimizer state of a {'CPU' if saved_on_cpu else 'GPU'} run, "
-            f"which a {'CPU' if _is_cpu_optimizer(optimizer) else 'GPU'} run cannot resume: start "
-            "from its weights with train.init_from instead"
+            f"checkpoint {path} holds the optimizer state of a {device(common['optimizer_kind'])} run, which "
+            f"a {device(expected_kind)} run cannot resume: start from its weights with train.init_from instead"
         )
-    if saved_on_cpu:
-        load_full_optimizer_state(model, optimizer, state["optimizer"])
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return state["step"]
+    same_world = common["world_size"] == dist.get_world_size()
+    if not same_world:
+        logger.warning("checkpoint %s was saved by %d ranks, this run has %d: its RNG states are not restored",
+                       path, common["world_size"], dist.get_world_size())
+    state = training_state(model, optimizer, scheduler, 0, is_loading=True, with_rng=same_world)
+    loaded = dist_checkpointing.load(state, str(path))
+    restore(loaded, model, optimizer, scheduler)
+    return int(loaded["step"])
+
+
+def read_tensors(path: Path, *, optimizer: bool = False) -> dict[str, torch.Tensor]:
+    """The one-process weights of checkpoint ``path``, whole, by name (with ``optimizer`` also
+    the optimizer's tensors, ``optimizer.state.<kind>.<name>``). No model needed; call it in a
+    process group, e.g. of one process."""
+    metadata = dist_checkpointing.load_tensors_metadata(str(path))
+    wanted = {key: tensor for key, tensor in metadata.items() if optimizer or not key.startswith(OPTIMIZER_PREFIX)}
+    loaded = dist_checkpointing.load(wanted, str(path))
+    return {key: loaded[key] for key in wanted}  # without the common state load adds
 
 
 def prune_checkpoints(root: Path, *, keep_last: int, keep_every: int) -> None:
     """Delete old checkpoints but the newest ``keep_last`` and every ``keep_every``-th step."""
     if dist.get_rank() != 0:
         return
-    published = sorted(root.glob("step_*"))
+    published = sorted(Path(root).glob("step_*"))
     for path in published[: max(len(published) - keep_last, 0)]:
         step = int(path.name.split("_")[1])
         if keep_every and step % keep_every == 0:

@@ -1,6 +1,7 @@
 """Process groups for a run: torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's
 parallel state."""
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -51,6 +52,21 @@ def init_process_group() -> None:
         dist.init_process_group(
             "nccl" if on_gpu else "gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1
         )
+
+
+@contextlib.contextmanager
+def process_group():
+    """The world of the caller, or a one-process gloo world for the block (checkpoints are read
+    and written through torch.distributed, also by single-process tools)."""
+    if dist.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="megatron_emo_rdzv_") as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
 
 
 def init_model_parallel(config: EmoConfig, *, seed: int) -> Runtime:

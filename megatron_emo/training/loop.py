@@ -29,13 +29,7 @@ from megatron_emo.config import ConfigError
 from megatron_emo.recipes import RunConfig, validate_run
 from megatron_emo.routing.documents import document_ids
 from megatron_emo.routing.router import DocumentPooledRouter
-from megatron_emo.training.checkpoint import (
-    find_latest,
-    load_checkpoint,
-    load_weights,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from megatron_emo.training.checkpoint import CheckpointSaver, find_latest, load_checkpoint, load_weights
 from megatron_emo.training.cpu_mode import cuda_on_cpu
 from megatron_emo.training.flops import peak_tflops, training_flops_per_token
 from megatron_emo.training.evaluate import build_validation_datasets, evaluate
@@ -44,7 +38,7 @@ from megatron_emo.parallel.grads import finalize_cpu_grads
 from megatron_emo.parallel.shards import chunks_of
 from megatron_emo.training.distributed import Runtime, init_model_parallel, init_process_group, shutdown_distributed
 from megatron_emo.training.metrics import MetricsWriter
-from megatron_emo.training.optimizer import cpu_stepper, gpu_stepper, use_distributed_optimizer
+from megatron_emo.training.optimizer import USE_DISTRIBUTED_OPTIMIZER, cpu_stepper, gpu_stepper
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +123,7 @@ def wrap_for_gpu(model, config):
         # Only the first chunk's buckets overlap their reduction with the backward.
         wrapped.append(DistributedDataParallel(
             config,
-            DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer()),
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=USE_DISTRIBUTED_OPTIMIZER),
             module=chunk,
             disable_bucketing=index > 0,
         ))
@@ -163,11 +157,8 @@ def _train(run: RunConfig) -> list[dict]:
     on_gpu = torch.cuda.is_available()
     config = run.emo_config(vocab_size=vocab_size, eos_token_id=tokenizer.eos_id, on_gpu=on_gpu)
     runtime = init_model_parallel(config, seed=run.train.seed)
-    if run.train.save and runtime.on_gpu and runtime.world_size > 1:
-        raise ConfigError(
-            "checkpoints of multi-GPU runs need megatron-core's sharded checkpoints, which "
-            "megatron_emo does not write yet: set train.save=False"
-        )
+    if run.train.async_save and not runtime.on_gpu:
+        raise ConfigError("train.async_save needs a GPU (on the CPU the state would change while it is written)")
     per_microbatch = data.micro_batch_size * runtime.data_parallel_size
     if data.global_batch_size % per_microbatch:
         raise ConfigError(
@@ -213,10 +204,11 @@ def _train(run: RunConfig) -> list[dict]:
     latest = find_latest(checkpoints) if run.train.resume else None
     if latest is not None:
         load_started = time.perf_counter()
-        start_step = load_checkpoint(latest, model=gpt_model, optimizer=stepper.optimizer, scheduler=stepper.scheduler)
+        start_step = load_checkpoint(latest, model=gpt_model, optimizer=stepper.optimizer,
+                                     scheduler=stepper.scheduler, run=run)
         load_seconds = time.perf_counter() - load_started
     elif run.train.init_from:
-        load_weights(Path(run.train.init_from), gpt_model)
+        load_weights(Path(run.train.init_from), gpt_model, run)
 
     writer = MetricsWriter(run, enabled=runtime.is_logging_rank, resume_step=start_step)
     if latest is not None:
@@ -239,12 +231,12 @@ def _train(run: RunConfig) -> list[dict]:
     records = []
     stop = StopSignal()
 
+    saver = CheckpointSaver(checkpoints, run=run, tokenizer_file=tokenizer.model_file,
+                            asynchronous=run.train.async_save,
+                            on_published=lambda path, seconds: writer.info(f"saved {path} in {seconds:.1f} s"))
+
     def save(done: int) -> None:
-        started = time.perf_counter()
-        path = save_checkpoint(checkpoints, done, model=gpt_model, optimizer=stepper.optimizer,
-                               scheduler=stepper.scheduler, run=run, tokenizer_file=tokenizer.model_file)
-        prune_checkpoints(checkpoints, keep_last=run.train.keep_last, keep_every=run.train.keep_every)
-        writer.info(f"saved {path} in {time.perf_counter() - started:.1f} s")
+        saver.save(done, model=gpt_model, optimizer=stepper.optimizer, scheduler=stepper.scheduler)
 
     # A progress bar with ETA on an interactive terminal; plain log lines in batch jobs.
     progress = tqdm(total=run.train.steps, initial=start_step, unit="step", dynamic_ncols=True,
@@ -252,6 +244,7 @@ def _train(run: RunConfig) -> list[dict]:
     try:
         for step in range(start_step, run.train.steps):
             progress.update(1)
+            saver.poll()
             started = time.perf_counter()
             lr = stepper.optimizer.param_groups[0]["lr"]
             losses = forward_backward_step(step, model, stepper, forward_backward, step_forward, dataset, run,
@@ -268,6 +261,7 @@ def _train(run: RunConfig) -> list[dict]:
                 except NonFiniteStep:
                     if run.train.save:
                         save(step)  # the parameters are still those of the last good step
+                        saver.wait()
                     raise
             if runtime.on_gpu:
                 torch.cuda.synchronize()
@@ -296,7 +290,9 @@ def _train(run: RunConfig) -> list[dict]:
                 save(done)
             if stop.received:
                 break
+        saver.wait()  # the last checkpoint is published before the run reports success
     finally:
+        saver.close()
         progress.close()
         stop.restore()
         writer.close()

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_emo.parallel.grads import global_grad_norm
@@ -83,16 +82,15 @@ def cpu_stepper(model, optim: OptimConfig, total_steps: int) -> Stepper:
     return Stepper(optimizer, _scheduler(optimizer, optim, total_steps), step, lambda: optimizer.zero_grad(set_to_none=True))
 
 
-def use_distributed_optimizer() -> bool:
-    """ZeRO-1 (megatron-core's distributed optimizer: fp32 main weights and Adam moments sharded
-    over data-parallel ranks) wherever there is more than one data-parallel rank; with one it
-    shards nothing, and the plain optimizer's state is what single-GPU checkpoints hold."""
-    return parallel_state.get_data_parallel_world_size() > 1
+USE_DISTRIBUTED_OPTIMIZER = True
+"""ZeRO-1 on every GPU layout (megatron-core's distributed optimizer: fp32 main weights and Adam
+moments sharded over data-parallel ranks; with one rank it shards nothing): one optimizer, so
+one checkpoint format, which loads under any other layout — EP4 on four GPUs resumes on one."""
 
 
 def gpu_stepper(model, config, optim: OptimConfig, total_steps: int) -> Stepper:
-    """megatron-core's optimizer (fp32 main weights under bf16; distributed over DP, see
-    :func:`use_distributed_optimizer`) over megatron DDP model chunks."""
+    """megatron-core's distributed optimizer (fp32 main weights under bf16) over megatron DDP
+    model chunks."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer.optimizer_config import ParamKey
 
@@ -108,7 +106,7 @@ def gpu_stepper(model, config, optim: OptimConfig, total_steps: int) -> Stepper:
             clip_grad=optim.clip_grad,
             bf16=config.bf16,
             params_dtype=config.params_dtype,
-            use_distributed_optimizer=use_distributed_optimizer(),
+            use_distributed_optimizer=USE_DISTRIBUTED_OPTIMIZER,
         ),
         chunks_of(model),
         # Replaces megatron-core's default (no decay on norms and biases) by EMO's rule.

@@ -18,7 +18,6 @@ from megatron_emo.training.checkpoint import (
     CheckpointError,
     find_latest,
     load_checkpoint,
-    prune_checkpoints,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -69,15 +68,15 @@ def test_round_trip_restores_everything(tmp_path, megatron_cpu):
 def test_tampered_truncated_and_incomplete_checkpoints_are_rejected(tmp_path, megatron_cpu):
     model, optimizer, scheduler = _parts()
     path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, run=get_recipe("tiny"))
-    state = path / "state.pt"
+    state = max(path.glob("*.distcp"), key=lambda file: file.stat().st_size)  # a shard of tensors
     original = state.read_bytes()
     state.write_bytes(original[:-10])
-    with pytest.raises(CheckpointError, match="state.pt has .* bytes"):
+    with pytest.raises(CheckpointError, match=f"{state.name} has .* bytes"):
         verify_checkpoint(path)
     tampered = bytearray(original)
     tampered[len(tampered) // 2] ^= 0xFF
     state.write_bytes(bytes(tampered))
-    with pytest.raises(CheckpointError, match="state.pt does not match its SHA-256"):
+    with pytest.raises(CheckpointError, match=f"{state.name} does not match its SHA-256"):
         load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
     state.write_bytes(original)
     (path / "manifest.json").unlink()
@@ -89,15 +88,19 @@ def test_other_model_shape_is_rejected_with_the_field(tmp_path, megatron_cpu):
     model, optimizer, scheduler = _parts(16)
     path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, run=get_recipe("tiny"))
     other = _parts(32)
-    with pytest.raises(CheckpointError, match=r"word_embeddings.weight: checkpoint \(64, 16\) vs model \(64, 32\)"):
-        load_checkpoint(path, model=other[0], optimizer=other[1], scheduler=other[2])
+    wider = get_recipe("tiny")
+    wider.model["hidden_size"] = 32
+    with pytest.raises(CheckpointError, match=r"final_layernorm.weight: checkpoint \(16,\) vs model \(32,\).*"
+                                              r"model.hidden_size: checkpoint \d+ vs run 32"):
+        load_checkpoint(path, model=other[0], optimizer=other[1], scheduler=other[2], run=wider)
 
 
 def test_unfinished_save_is_ignored_and_retention(tmp_path, megatron_cpu, caplog):
     model, optimizer, scheduler = _parts()
-    for step in (1, 2, 3, 4, 5, 6):
-        save_checkpoint(tmp_path, step, model=model, optimizer=optimizer, scheduler=scheduler, run=get_recipe("tiny"))
-        prune_checkpoints(tmp_path, keep_last=2, keep_every=3)
+    run = get_recipe("tiny")
+    run.train.keep_last, run.train.keep_every = 2, 3
+    for step in (1, 2, 3, 4, 5, 6):  # each save applies the run's retention rules
+        save_checkpoint(tmp_path, step, model=model, optimizer=optimizer, scheduler=scheduler, run=run)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000003", "step_00000005", "step_00000006"]
     (tmp_path / ".tmp-step_00000007").mkdir()  # a save killed half-way
     assert find_latest(tmp_path).name == "step_00000006"

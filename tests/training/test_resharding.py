@@ -8,15 +8,17 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_emo.convert.qwen2_moe import GPTSettings, to_hf_state_dict
-from megatron_emo.model.gpt import build_gpt_model
+from megatron_emo.model.gpt import build_model_chunks
 from megatron_emo.recipes import OptimConfig, get_recipe
 from megatron_emo.testing.distributed import run_distributed
 from megatron_emo.testing.layouts import tiny_config
-from megatron_emo.training.checkpoint import STATE_FILE, find_latest, load_checkpoint, save_checkpoint
+from megatron_emo.training.checkpoint import find_latest, load_checkpoint, read_tensors, save_checkpoint
 from megatron_emo.training.cpu_mode import cuda_on_cpu
-from megatron_emo.training.distributed import init_model_parallel
+from megatron_emo.training.distributed import init_model_parallel, process_group
 from megatron_emo.training.optimizer import cpu_stepper
 from tests.training.conftest import small_run
+
+ROUTED_7 = dict(num_moe_experts=8)  # 1 shared + 7 routed: padded to 8 on EP2 and EP4
 
 
 def _resave(rank, world_size, layout, source, target):
@@ -26,10 +28,10 @@ def _resave(rank, world_size, layout, source, target):
         config = tiny_config(**layout)
         init_model_parallel(config, seed=0)
         try:
-            model = build_gpt_model(config, max_sequence_length=16, rotary_base=10_000)
+            model = build_model_chunks(config, max_sequence_length=16, rotary_base=10_000)
             stepper = cpu_stepper(model, OptimConfig(warmup_steps=0), total_steps=4)
             if source is None:
-                for param in model.parameters():
+                for param in (p for chunk in model for p in chunk.parameters()):
                     param.grad = torch.randn_like(param)
                 stepper.step()
                 step = 1
@@ -41,39 +43,42 @@ def _resave(rank, world_size, layout, source, target):
             parallel_state.destroy_model_parallel()
 
 
-def _state(root):
-    return torch.load(find_latest(root) / STATE_FILE, weights_only=False)
+def _tensors(root) -> dict:
+    """Every tensor of the newest checkpoint under ``root`` (weights and AdamW moments), whole."""
+    with process_group():
+        return read_tensors(find_latest(root), optimizer=True)
 
 
-def _assert_same_state(a, b):
-    assert a["model"].keys() == b["model"].keys()
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
-    for moment in ("exp_avg", "exp_avg_sq"):
-        assert a["optimizer"][moment].keys() == a["model"].keys()
-        for name, value in a["optimizer"][moment].items():
-            assert torch.equal(value, b["optimizer"][moment][name]), (moment, name)
-    assert a["optimizer"]["step"] == b["optimizer"]["step"] == 1
+def _assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("world_size, layout", [
-    (4, dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2)),
-    (2, dict(pipeline_model_parallel_size=2)),
-])
-def test_checkpoint_passes_through_a_parallel_layout_unchanged(tmp_path, world_size, layout):
-    run_distributed(_resave, 1, {}, None, tmp_path / "one")
-    run_distributed(_resave, world_size, layout, find_latest(tmp_path / "one"), tmp_path / "parallel", timeout=300)
-    run_distributed(_resave, 1, {}, find_latest(tmp_path / "parallel"), tmp_path / "back")
-    one, parallel = _state(tmp_path / "one"), _state(tmp_path / "parallel")
-    _assert_same_state(one, parallel)
-    _assert_same_state(one, _state(tmp_path / "back"))
-    # The Hugging Face export of the parallel layout's checkpoint is the one-process export.
-    config, gpt = tiny_config(), GPTSettings(rotary_base=10_000, max_position_embeddings=16)
-    exported = to_hf_state_dict(parallel["model"], config, gpt)
-    expected = to_hf_state_dict(one["model"], config, gpt)
-    assert exported.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(exported[name], tensor), name
+@pytest.mark.parametrize("chain", [
+    [(4, dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2))],
+    [(2, dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2, num_layers=4))],
+    [(4, dict(expert_model_parallel_size=4, **ROUTED_7)), (2, dict(expert_model_parallel_size=2, **ROUTED_7))],
+], ids=["tp2-sp-ep2", "pp2-vp2", "ep4-then-ep2-padded"])
+def test_checkpoint_passes_through_parallel_layouts_unchanged(tmp_path, chain):
+    one_process = {key: value for key, value in chain[0][1].items() if key in ("num_layers", "num_moe_experts")}
+    run_distributed(_resave, 1, one_process, None, tmp_path / "0")
+    for index, (world_size, layout) in enumerate(chain, start=1):
+        run_distributed(_resave, world_size, layout, find_latest(tmp_path / str(index - 1)), tmp_path / str(index),
+                        timeout=300)
+    run_distributed(_resave, 1, one_process, find_latest(tmp_path / str(len(chain))), tmp_path / "back")
+    one = _tensors(tmp_path / "0")
+    assert any(name.startswith("optimizer.state.exp_avg_sq.") for name in one)
+    for index in range(1, len(chain) + 1):
+        _assert_same(one, _tensors(tmp_path / str(index)))
+    _assert_same(one, _tensors(tmp_path / "back"))
+    # The Hugging Face export of a parallel layout's checkpoint is the one-process export.
+    config = tiny_config(**one_process)
+    gpt = GPTSettings(rotary_base=10_000, max_position_embeddings=16)
+    weights = {name: tensor for name, tensor in _tensors(tmp_path / "1").items() if not name.startswith("optimizer.")}
+    exported = to_hf_state_dict(weights, config, gpt)
+    expected = to_hf_state_dict({name: one[name] for name in weights}, config, gpt)
+    _assert_same(exported, expected)
 
 
 def _train(rank, world_size, run):

@@ -1,0 +1,129 @@
+"""What a training checkpoint holds, as one megatron-core sharded state dict, and putting it back.
+
+    {"model":          {one-process name: ShardedTensor}   (megatron_emo.parallel.sharded_state)
+     "optimizer":      GPU: megatron-core's distributed optimizer, "fully_reshardable" format
+                             (fp32 main weights and Adam moments by parameter, any layout);
+                       CPU: torch AdamW's moments as ShardedTensors + its step count
+     "optimizer_kind": "megatron-distributed" | "torch-adamw"
+     "scheduler":      OptimizerParamScheduler state
+     "step":           steps done; the data position and the pools follow from it
+     "world_size":     ranks that saved it
+     "rng":            every rank's RNG states (restored when resumed on as many ranks)}
+
+Everything but ``rng`` and the tensors is common state, written once. Weights-only checkpoints
+(an imported Hugging Face model) hold ``model`` and ``step``.
+"""
+
+import logging
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_emo.parallel.shards import chunks_of
+from megatron_emo.parallel.sharded_state import parameters_by_name, sharded_tensors
+
+logger = logging.getLogger(__name__)
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+CPU_OPTIMIZER, GPU_OPTIMIZER = "torch-adamw", "megatron-distributed"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+"""megatron-core's distributed optimizer state by model parameter, loadable under any layout."""
+
+
+def is_cpu_optimizer(optimizer) -> bool:
+    return isinstance(optimizer, torch.optim.Optimizer)
+
+
+def optimizer_kind(optimizer) -> str:
+    return CPU_OPTIMIZER if is_cpu_optimizer(optimizer) else GPU_OPTIMIZER
+
+
+def _config(model):
+    return chunks_of(model)[0].config
+
+
+def _moment(optimizer: torch.optim.Optimizer, param, key: str) -> torch.Tensor:
+    # A parameter the optimizer has not updated yet has zero moments.
+    state = optimizer.state.get(param)
+    return state[key] if state else torch.zeros_like(param)
+
+
+def _cpu_optimizer_state(model, optimizer: torch.optim.Optimizer, is_loading: bool) -> dict:
+    if is_loading:  # buffers for the loaded moments
+        for param in parameters_by_name(model, _config(model)).values():
+            optimizer.state[param] = {"step": torch.tensor(0.0), **{key: torch.zeros_like(param) for key in MOMENTS}}
+    steps = {float(state["step"]) for state in optimizer.state.values() if "step" in state}
+    return {
+        "moments": {key: sharded_tensors(model, _config(model), f"optimizer.state.{key}.",
+                                         lambda param, key=key: _moment(optimizer, param, key))
+                    for key in MOMENTS},
+        "step": max(steps, default=0.0),
+    }
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _rng_object(state) -> ShardedObject:
+    return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+def training_state(model, optimizer, scheduler, step: int, *, is_loading: bool, with_rng: bool = True) -> dict:
+    """The sharded state dict of a training checkpoint (see the module docstring); with
+    ``is_loading`` its tensors are the buffers to load into."""
+    model_state = sharded_tensors(model, _config(model))
+    if is_cpu_optimizer(optimizer):
+        optimizer_state = _cpu_optimizer_state(model, optimizer, is_loading)
+    else:
+        optimizer_state = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+    state = {
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "optimizer_kind": optimizer_kind(optimizer),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "world_size": dist.get_world_size(),
+    }
+    if with_rng:
+        state["rng"] = _rng_object(_rng_state() if not is_loading else None)
+    return state
+
+
+def load_model(path, model) -> dict:
+    """Load the weights of checkpoint ``path`` (any layout) into this rank's ``model``."""
+    loaded = dist_checkpointing.load({"model": sharded_tensors(model, _config(model))}, str(path))
+    copy_weights(model, loaded["model"])
+    return loaded
+
+
+def copy_weights(model, weights: dict) -> None:
+    with torch.no_grad():
+        for name, param in parameters_by_name(model, _config(model)).items():
+            param.copy_(weights[name])
+
+
+def restore(loaded: dict, model, optimizer, scheduler) -> None:
+    """Put a loaded :func:`training_state` into the model, optimizer, schedule and RNGs."""
+    copy_weights(model, loaded["model"])
+    if is_cpu_optimizer(optimizer):
+        moments = loaded["optimizer"]["moments"]
+        for name, param in parameters_by_name(model, _config(model)).items():
+            state = optimizer.state[param]
+            state["step"] = torch.tensor(loaded["optimizer"]["step"])
+            for key in MOMENTS:
+                state[key] = moments[key][f"optimizer.state.{key}.{name}"].to(param.dtype)
+    else:
+        optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    if "rng" in loaded:
+        rng = loaded["rng"]
+        torch.set_rng_state(rng["cpu"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
