@@ -11,7 +11,6 @@ until training could go on (``save_s``) and until the checkpoint is published (`
 """
 
 import argparse
-import contextlib
 import datetime
 import json
 import shutil
@@ -30,7 +29,7 @@ from megatron_emo.benchmark.cases import CASES, init_weights  # noqa: E402
 from megatron_emo.config import ConfigError  # noqa: E402
 from megatron_emo.recipes import apply_override, get_recipe, validate_run  # noqa: E402
 from megatron_emo.training.checkpoint import CheckpointSaver, find_latest, load_checkpoint  # noqa: E402
-from megatron_emo.training.cpu_mode import cuda_on_cpu  # noqa: E402
+from megatron_emo.training.cpu_mode import megatron_device  # noqa: E402
 from megatron_emo.training.distributed import init_model_parallel, init_process_group, shutdown_distributed  # noqa: E402
 from megatron_emo.training.loop import wrap_for_gpu  # noqa: E402
 from megatron_emo.training.metrics import run_info  # noqa: E402
@@ -122,7 +121,7 @@ def main(argv=None) -> int:
         return 2
     directory = args.directory or Path(tempfile.mkdtemp(prefix="emo_ckpt_bench_"))
     try:
-        with contextlib.nullcontext() if torch.cuda.is_available() else cuda_on_cpu():
+        with megatron_device():
             result = measure(run, args.vocab_size, directory, args.repeats, args.async_save)
     finally:
         shutdown_distributed()

@@ -23,7 +23,6 @@ git commit, recipe, layout; plus the targets) and a ``.png`` chart into --output
 """
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -52,7 +51,7 @@ from megatron_emo.config import ConfigError  # noqa: E402
 from megatron_emo.data.gpt_data import build_train_dataset  # noqa: E402
 from megatron_emo.recipes import apply_override, get_recipe, validate_run  # noqa: E402
 from megatron_emo.routing import router  # noqa: E402
-from megatron_emo.training.cpu_mode import cuda_on_cpu  # noqa: E402
+from megatron_emo.training.cpu_mode import megatron_device  # noqa: E402
 from megatron_emo.training.distributed import init_model_parallel, init_process_group, shutdown_distributed  # noqa: E402
 from megatron_emo.training.flops import PEAK_BF16_TFLOPS  # noqa: E402
 from megatron_emo.training.loop import resolve_data  # noqa: E402
@@ -227,8 +226,7 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    on_gpu = torch.cuda.is_available()
-    with contextlib.nullcontext() if on_gpu else cuda_on_cpu():
+    with megatron_device():
         try:
             records, env = benchmark(run, args)
         finally:

@@ -54,6 +54,7 @@ def convert(args) -> list[str]:
     from megatron_emo.convert.qwen2_moe import from_hf_config, from_hf_state_dict
     from megatron_emo.recipes import get_recipe
     from megatron_emo.training.checkpoint import write_weights_checkpoint
+    from megatron_emo.training.cpu_mode import megatron_device
     from megatron_emo.training.distributed import process_group
 
     hf_dir, output = Path(args.hf), Path(args.output)
@@ -82,7 +83,7 @@ def convert(args) -> list[str]:
     if output.exists():
         shutil.rmtree(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with process_group():
+    with process_group(), megatron_device():
         write_weights_checkpoint(output, state, run, tokenizer if tokenizer.is_file() else None)
     return [f"{key}={value!r}" for key, value in overrides.items()] + [f"train.init_from={str(output)!r}"]
 

@@ -47,8 +47,13 @@ def _worker(fn, rank, world_size, init_method, backend, results, args):
             dist.destroy_process_group()
 
 
-def _stop(processes):
-    """Terminate, then kill, every child still alive; reap them all."""
+def _stop(processes, wait: float = 0.0):
+    """Give the children ``wait`` s to exit by themselves (exiting, a child shuts down the helper
+    processes it started, e.g. megatron-core's checkpoint writer's), then terminate, then kill,
+    every child still alive; reap them all."""
+    deadline = time.monotonic() + wait
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
     for process in processes:
         if process.is_alive():
             process.terminate()
@@ -92,7 +97,9 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
         try:
             for process in processes:
                 process.start()
-            return _collect(processes, results, deadline, timeout)
+            values = _collect(processes, results, deadline, timeout)
+            _stop(processes, wait=30.0)
+            return values
         finally:
             _stop(processes)
             results.close()

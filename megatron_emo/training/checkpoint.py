@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -103,7 +104,13 @@ def _files(folder: Path) -> list[str]:
 
 def _share(names: list[str]) -> list[str]:
     """This rank's share of ``names`` (the ranks hash and verify files in parallel)."""
-    return names[dist.get_rank()::dist.get_world_size()]
+    return names[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else names
+
+
+def _for_each_file(function, names: list[str]) -> dict:
+    """``{name: function(name)}``, several files at a time (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+        return dict(zip(names, pool.map(function, names)))
 
 
 def _all_ranks(values: dict) -> dict:
@@ -122,8 +129,8 @@ def _publish(tmp: Path, final: Path, run, tokenizer_file: Optional[Path]) -> Pat
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
     dist.barrier()
     names = _files(tmp)
-    manifest = _all_ranks({name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                           for name in _share(names)})
+    manifest = _all_ranks(_for_each_file(
+        lambda name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}, _share(names)))
     if dist.get_rank() == 0:
         _write_json(tmp / MANIFEST, {name: manifest[name] for name in names})
         _fsync_dir(tmp)
@@ -241,8 +248,7 @@ def verify_checkpoint(path: Path) -> None:
     except json.JSONDecodeError as error:
         raise CheckpointError(f"checkpoint {path}: {manifest_path} is not valid JSON ({error})") from error
     names = sorted(manifest)
-    errors = {name: _file_error(path, name, manifest[name])
-              for name in (_share(names) if dist.is_initialized() else names)}
+    errors = _for_each_file(lambda name: _file_error(path, name, manifest[name]), _share(names))
     if dist.is_initialized():
         errors = _all_ranks(errors)
     for name in names:

@@ -28,8 +28,14 @@ logger = logging.getLogger(__name__)
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 CPU_OPTIMIZER, GPU_OPTIMIZER = "torch-adamw", "megatron-distributed"
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
-"""megatron-core's distributed optimizer state by model parameter, loadable under any layout."""
+OPTIMIZER_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+    "chained_optim_avoid_prefix": True,
+}
+"""megatron-core's distributed optimizer state by model parameter, loadable under any layout;
+gathered over gloo into host memory of data-parallel rank 0 only (the default would hold the
+whole state in the host memory of every data-parallel rank of a node)."""
 
 
 def is_cpu_optimizer(optimizer) -> bool:
@@ -63,6 +69,45 @@ def _cpu_optimizer_state(model, optimizer: torch.optim.Optimizer, is_loading: bo
     }
 
 
+def _optimizer_parts(optimizer) -> list:
+    """The distributed optimizers of a megatron-core optimizer (dense and expert parameters
+    have one each)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _with_torch_adam_state(optimizer) -> None:
+    """Give every parameter of megatron-core's optimizer its Adam state before a save or load.
+
+    Without TransformerEngine/apex megatron-core 0.16.1 runs torch's Adam, keeps the step count
+    in each parameter's state, and its checkpoint code asserts that one exists: an optimizer
+    that has not stepped yet (a run stopped at its first step, or one about to load) gets zero
+    moments and step 0 — what it would hold anyway.
+    """
+    for part in _optimizer_parts(optimizer):
+        inner = part.optimizer
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue  # TransformerEngine/apex FusedAdam: step lives in the param groups
+        part.init_state_fn(inner, part.config)
+        for state in inner.state.values():
+            state.setdefault("step", torch.tensor(0.0))
+
+
+def _load_gpu_optimizer(optimizer, state) -> None:
+    """megatron-core's ``load_state_dict`` with its per-parameter state loaded separately:
+    0.16.1 copies every key of a parameter's state into it, and torch Adam's ``step`` is not
+    among the loaded tensors (its value comes with the param groups)."""
+    parts = _optimizer_parts(optimizer)
+    states = [state] if len(parts) == 1 else [value for _, value in sorted(state.items())]
+    for part, part_state in zip(parts, states):
+        param_state = part_state.pop("param_state")
+        part.load_state_dict(part_state)
+        steps = {param: values.pop("step", None) for param, values in part.optimizer.state.items()}
+        part.load_parameter_state_from_fully_reshardable(param_state)
+        for param, step in steps.items():
+            if step is not None:
+                part.optimizer.state[param]["step"] = step
+
+
 def _rng_state() -> dict:
     state = {"cpu": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
@@ -81,6 +126,7 @@ def training_state(model, optimizer, scheduler, step: int, *, is_loading: bool, 
     if is_cpu_optimizer(optimizer):
         optimizer_state = _cpu_optimizer_state(model, optimizer, is_loading)
     else:
+        _with_torch_adam_state(optimizer)
         optimizer_state = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
     state = {
         "model": model_state,
@@ -119,7 +165,7 @@ def restore(loaded: dict, model, optimizer, scheduler) -> None:
             for key in MOMENTS:
                 state[key] = moments[key][f"optimizer.state.{key}.{name}"].to(param.dtype)
     else:
-        optimizer.load_state_dict(loaded["optimizer"])
+        _load_gpu_optimizer(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng" in loaded:
         rng = loaded["rng"]

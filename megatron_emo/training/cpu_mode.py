@@ -93,6 +93,11 @@ _STAND_INS = {
 }
 
 
+def megatron_device():
+    """The GPU as it is, or :func:`cuda_on_cpu` on a machine without one."""
+    return contextlib.nullcontext() if torch.cuda.is_available() else cuda_on_cpu()
+
+
 @contextlib.contextmanager
 def cuda_on_cpu():
     """Map megatron-core's CUDA calls to the CPU for the duration of the block."""

@@ -5,7 +5,6 @@ it as micro-batches through megatron-core's pipeline schedule, which scales the 
 router losses per micro-batch. Document ids are derived from the input ids once per forward.
 """
 
-import contextlib
 import functools
 import logging
 import math
@@ -30,7 +29,7 @@ from megatron_emo.recipes import RunConfig, validate_run
 from megatron_emo.routing.documents import document_ids
 from megatron_emo.routing.router import DocumentPooledRouter
 from megatron_emo.training.checkpoint import CheckpointSaver, find_latest, load_checkpoint, load_weights
-from megatron_emo.training.cpu_mode import cuda_on_cpu
+from megatron_emo.training.cpu_mode import megatron_device
 from megatron_emo.training.flops import peak_tflops, training_flops_per_token
 from megatron_emo.training.evaluate import build_validation_datasets, evaluate
 from megatron_emo.training.guards import NonFiniteGuard, NonFiniteStep, SpikeDetector, StopSignal
@@ -136,10 +135,9 @@ def wrap_for_gpu(model, config):
 def train(run: RunConfig) -> list[dict]:
     """Train ``run`` and return the logged records (also written to metrics.jsonl)."""
     validate_run(run)
-    on_gpu = torch.cuda.is_available()
     # A caller that set up the world (a test harness, a notebook) keeps it.
     owns_world = not torch.distributed.is_initialized()
-    with contextlib.nullcontext() if on_gpu else cuda_on_cpu(), logging_redirect_tqdm():
+    with megatron_device(), logging_redirect_tqdm():
         try:
             return _train(run)
         finally:

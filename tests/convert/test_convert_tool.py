@@ -113,11 +113,12 @@ def test_corrupt_checkpoint_exits_2(run_dir, tmp_path, capsys):
     step = next((run_dir / "checkpoints").glob("step_*"))
     copy = tmp_path / step.name
     shutil.copytree(step, copy)
-    with open(copy / "state.pt", "r+b") as f:
+    shard = max(copy.glob("*.distcp"), key=lambda file: file.stat().st_size)
+    with open(shard, "r+b") as f:
         f.truncate(f.seek(0, 2) // 2)
     assert _tool().main(["--checkpoint", str(copy), "--output", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
-    assert "state.pt" in err and "truncated" in err
+    assert shard.name in err and "truncated" in err
     assert not (tmp_path / "hf").exists()
 
 
@@ -155,8 +156,16 @@ def test_export_reads_back_to_the_checkpoint(exported, run_dir):
 FROM_HF = ROOT / "tools" / "convert_from_hf.py"
 
 
+def _weights(checkpoint) -> dict:
+    from megatron_emo.training.checkpoint import read_tensors
+    from megatron_emo.training.distributed import process_group
+
+    with process_group():
+        return read_tensors(checkpoint)
+
+
 def test_import_back_reproduces_the_checkpoint_and_training_starts_from_it(run_dir, exported, tmp_path):
-    from megatron_emo.training.checkpoint import STATE_FILE, verify_checkpoint
+    from megatron_emo.training.checkpoint import verify_checkpoint
 
     output, _ = exported
     init = tmp_path / "init"
@@ -165,9 +174,8 @@ def test_import_back_reproduces_the_checkpoint_and_training_starts_from_it(run_d
     assert result.returncode == 0, result.stderr[-3000:]
     verify_checkpoint(init)
     assert (init / "tokenizer.model").read_bytes() == (output / "tokenizer.model").read_bytes()
-    imported = torch.load(init / STATE_FILE, weights_only=False)["model"]
-    original = torch.load(sorted((run_dir / "checkpoints").glob("step_*"))[-1] / STATE_FILE, weights_only=False)["model"]
-    tensors = {k: v for k, v in original.items() if isinstance(v, torch.Tensor)}
+    imported = _weights(init)
+    tensors = _weights(sorted((run_dir / "checkpoints").glob("step_*"))[-1])
     assert set(imported) == set(tensors)
     assert all(torch.equal(imported[k], tensors[k]) for k in tensors)
     # The printed command starts a run from those weights: its first loss is the trained model's.
@@ -192,14 +200,16 @@ def test_import_refuses_what_it_cannot_read(tmp_path):
 def test_weights_only_checkpoint_cannot_be_resumed_but_can_start_a_run(tmp_path, megatron_cpu):
     from megatron_emo.model.gpt import build_gpt_model
     from megatron_emo.recipes import get_recipe
-    from megatron_emo.training.checkpoint import CheckpointError, load_checkpoint, load_weights, write_checkpoint
+    from megatron_emo.parallel.sharded_state import parameters_by_name
+    from megatron_emo.training.checkpoint import CheckpointError, load_checkpoint, load_weights, write_weights_checkpoint
     from tests.conftest import make_config
 
     def tiny_model():
         return build_gpt_model(make_config(), max_sequence_length=16, rotary_base=10_000)
 
     model = tiny_model()
-    path = write_checkpoint(tmp_path / "init", {"step": 0, "model": model.state_dict()}, get_recipe("tiny"))
+    weights = {name: param.detach() for name, param in parameters_by_name(model, model.config).items()}
+    path = write_weights_checkpoint(tmp_path / "init", weights, get_recipe("tiny"))
     other = tiny_model()
     load_weights(path, other)
     for (name, a), b in zip(model.named_parameters(), other.parameters()):
@@ -234,8 +244,6 @@ def test_select_experts_and_evaluate_tools(run_dir, exported, tmp_path):
 
 
 def test_emo_layout_export_imports_back_exactly(run_dir, tmp_path):
-    from megatron_emo.training.checkpoint import STATE_FILE
-
     emo = tmp_path / "emo"
     result = subprocess.run([sys.executable, str(TOOL), "--checkpoint", str(run_dir), "--output", str(emo),
                              "--layout", "emo"], capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -245,7 +253,6 @@ def test_emo_layout_export_imports_back_exactly(run_dir, tmp_path):
     result = subprocess.run([sys.executable, str(FROM_HF), "--hf", str(emo), "--recipe", "tiny", "--output", str(init)],
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    imported = torch.load(init / STATE_FILE, weights_only=False)["model"]
-    original = torch.load(sorted((run_dir / "checkpoints").glob("step_*"))[-1] / STATE_FILE, weights_only=False)["model"]
-    tensors = {k: v for k, v in original.items() if isinstance(v, torch.Tensor)}
+    imported = _weights(init)
+    tensors = _weights(sorted((run_dir / "checkpoints").glob("step_*"))[-1])
     assert set(imported) == set(tensors) and all(torch.equal(imported[k], tensors[k]) for k in tensors)
