@@ -15,12 +15,15 @@ megatron-core's ``dist_checkpointing`` as the piece(s) of its one-process tensor
 
 Any layout that builds the same model therefore loads any other layout's checkpoint: each rank
 asks for its pieces and ``torch.distributed.checkpoint`` reads the overlapping stored ones.
+:func:`full_tensors` and :func:`local_tensors` join and slice whole one-process tensors with
+the same pieces (to compare layouts with one process).
 """
 
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
@@ -142,3 +145,52 @@ def sharded_tensors(model, config, prefix: str = "",
 def parameters_by_name(model, config) -> dict[str, torch.nn.Parameter]:
     """This rank's parameters by one-process name (a tied output layer under the embedding's)."""
     return {spec.full_name: param for param, spec in parameter_shards(model, config)}
+
+
+def full_tensors(model, config,
+                 tensor_of: Callable[[torch.nn.Parameter], Optional[torch.Tensor]]) -> Optional[dict[str, torch.Tensor]]:
+    """Join ``tensor_of(param)`` of every rank (weights, gradients…; None leaves a parameter
+    out) into one-process tensors: ``{name: tensor}`` on rank 0, None elsewhere. Every rank
+    calls it."""
+    pieces = []
+    for param, placement in _placements(model, config):
+        tensor = tensor_of(param)
+        if tensor is None or any(placement.replica_id):
+            continue
+        for piece in placement.pieces(placement.spec.full_name, tensor.detach().cpu(), placement.replica_id):
+            pieces.append((piece.key, piece.global_shape, piece.global_slice(), piece.data))
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(pieces, gathered, dst=0)
+    if gathered is None:
+        return None
+    full = {}
+    for rank_pieces in gathered:
+        for key, shape, where, data in rank_pieces:
+            full.setdefault(key, data.new_zeros(shape))[where] = data
+    return full
+
+
+def local_tensors(model, config, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's slices of one-process tensors, for every parameter whose name is in ``full``
+    (padding experts zero)."""
+    result = {}
+    for param, placement in _placements(model, config):
+        name = placement.spec.full_name
+        if name in full:
+            pieces = placement.pieces(name, param.detach(), placement.replica_id)
+            if pieces and tuple(full[name].shape) != pieces[0].global_shape:
+                raise ValueError(f"{name}: the weights give {tuple(full[name].shape)}, this model's "
+                                 f"one-process shape is {pieces[0].global_shape}")
+            result[name] = placement.merge([full[name][piece.global_slice()] for piece in pieces], param)
+    return result
+
+
+def load_full_weights(model, config, full: dict[str, torch.Tensor]) -> None:
+    """Copy one-process weights into this rank's parameters (every parameter must be there)."""
+    values = local_tensors(model, config, full)
+    missing = sorted(set(parameters_by_name(model, config)) - set(values))
+    if missing:
+        raise KeyError(f"the weights lack {len(missing)} parameter(s) of this model, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for param, spec in parameter_shards(model, config):
+            param.copy_(values[spec.full_name])

@@ -11,17 +11,15 @@ A rank's parameter is a slice of the full model's tensor of the same role:
 - pipeline stages: local layer ``i`` is global layer ``layer_number - 1``;
 - everything else (norms, the router) is replicated.
 
-:func:`full_tensors` joins any per-parameter tensors (weights, gradients, optimizer moments)
-into the one-process state on rank 0; :func:`local_tensors` slices one-process tensors for
-this rank. Together they reshard: save from any layout, load into any other.
+:mod:`megatron_emo.parallel.sharded_state` turns this into the pieces of one-process tensors
+that checkpoints store, and joins or slices whole tensors the same way.
 """
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -54,12 +52,6 @@ def _split_glu(tensor: torch.Tensor, dim: int, glu: bool) -> list[torch.Tensor]:
 def tp_slice(full: torch.Tensor, dim: int, rank: int, size: int, glu: bool = False) -> torch.Tensor:
     """This TP rank's part of ``full`` along ``dim`` (SwiGLU-aware)."""
     return torch.cat([part.chunk(size, dim=dim)[rank] for part in _split_glu(full, dim, glu)], dim=dim)
-
-
-def tp_join(pieces: list[torch.Tensor], dim: int, glu: bool = False) -> torch.Tensor:
-    """Inverse of :func:`tp_slice`: ``pieces`` in TP rank order."""
-    halves = zip(*(_split_glu(piece, dim, glu) for piece in pieces))
-    return torch.cat([torch.cat(list(half), dim=dim) for half in halves], dim=dim)
 
 
 def init_routed_experts(fc1: torch.Tensor, fc2: torch.Tensor, config, layout: ExpertLayout) -> None:
@@ -143,102 +135,3 @@ def parameter_shards(model, config) -> list[tuple[torch.nn.Parameter, ShardSpec]
                 spec = ShardSpec(full_name)
             shards.append((param, spec))
     return shards
-
-
-def _coordinates() -> dict[str, int]:
-    """This rank's place in the grid: TP and EP rank, and whether it holds the first replica
-    of dense and of expert parameters (data-parallel rank 0 / expert-data-parallel rank 0)."""
-    return {
-        "tp": parallel_state.get_tensor_model_parallel_rank(),
-        "ep": parallel_state.get_expert_model_parallel_rank(),
-        "dense_replica": parallel_state.get_data_parallel_rank(with_context_parallel=True),
-        "expert_replica": parallel_state.get_expert_data_parallel_rank(),
-    }
-
-
-def full_tensors(
-    model, config, tensor_of: Callable[[torch.nn.Parameter], Optional[torch.Tensor]]
-) -> Optional[dict[str, torch.Tensor]]:
-    """Join ``tensor_of(param)`` of every rank into one-process tensors on rank 0.
-
-    Args:
-        model: this rank's model (a module or its list of pipeline chunks).
-        config: its EmoConfig.
-        tensor_of: the tensor to join for a parameter (the parameter itself, its ``.grad``,
-            an optimizer moment...); None leaves the parameter out.
-
-    Returns:
-        On rank 0 ``{full name: tensor}`` (CPU, float dtype of the pieces); None elsewhere.
-        Every rank must call it (it gathers over the whole world).
-    """
-    coords = _coordinates()
-    pieces = []
-    for param, spec in parameter_shards(model, config):
-        first_replica = coords["expert_replica" if spec.expert else "dense_replica"] == 0 and not spec.duplicate
-        tensor = tensor_of(param)
-        if first_replica and tensor is not None:
-            pieces.append((spec, tensor.detach().cpu()))
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object((coords, pieces), gathered, dst=0)
-    if gathered is None:
-        return None
-    return _join(gathered, config)
-
-
-def _join(gathered: list, config) -> dict[str, torch.Tensor]:
-    by_name: dict[str, dict] = {}
-    for coords, pieces in gathered:
-        for spec, tensor in pieces:
-            entry = by_name.setdefault(spec.full_name, {"spec": spec, "parts": {}})
-            entry["parts"][(coords["ep"] if spec.expert else 0, coords["tp"] if spec.tp_dim is not None else 0)] = tensor
-    full = {}
-    for name, entry in by_name.items():
-        spec, parts = entry["spec"], entry["parts"]
-        ep_ranks = sorted({ep for ep, _ in parts})
-        tp_ranks = sorted({tp for _, tp in parts})
-        rows = []
-        for ep in ep_ranks:
-            row = [parts[(ep, tp)] for tp in tp_ranks]
-            rows.append(tp_join(row, spec.tp_dim, spec.glu) if spec.tp_dim is not None else row[0])
-        tensor = torch.cat(rows) if spec.expert else rows[0]
-        full[name] = tensor[: config.num_routed_experts] if spec.expert else tensor
-    return full
-
-
-def local_tensors(model, config, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This rank's slices of one-process tensors: ``{full name: tensor}`` for every parameter
-    of this rank whose full name is in ``full`` (padding experts zero)."""
-    coords = _coordinates()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    ep_size = parallel_state.get_expert_model_parallel_world_size()
-    layout = ExpertLayout(config.num_routed_experts, ep_size, coords["ep"])
-    result = {}
-    for _, spec in parameter_shards(model, config):
-        if spec.full_name not in full:
-            continue
-        tensor = full[spec.full_name]
-        if spec.expert:
-            padding = layout.num_padded - tensor.shape[0]
-            if padding:
-                tensor = torch.cat([tensor, tensor.new_zeros(padding, *tensor.shape[1:])])
-            tensor = tensor[layout.first_local : layout.first_local + layout.num_local]
-        if spec.tp_dim is not None:
-            tensor = tp_slice(tensor, spec.tp_dim, coords["tp"], tp_size, spec.glu)
-        result[spec.full_name] = tensor
-    return result
-
-
-def load_full_weights(model, config, full: dict[str, torch.Tensor]) -> None:
-    """Copy one-process weights into this rank's parameters (every parameter must be there)."""
-    values = local_tensors(model, config, full)
-    shards = parameter_shards(model, config)
-    missing = sorted(spec.full_name for _, spec in shards if spec.full_name not in values)
-    if missing:
-        raise KeyError(f"the weights lack {len(missing)} parameter(s) of this model, e.g. {missing[:3]}")
-    with torch.no_grad():
-        for param, spec in shards:
-            value = values[spec.full_name]
-            if param.shape != value.shape:
-                raise ValueError(f"{spec.full_name}: this rank's shard is {tuple(param.shape)}, "
-                                 f"the weights give {tuple(value.shape)}")
-            param.copy_(value)

@@ -20,7 +20,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron_emo.config import EmoConfig
 from megatron_emo.model.gpt import build_model_chunks
 from megatron_emo.parallel.grads import finalize_cpu_grads
-from megatron_emo.parallel.shards import full_tensors, load_full_weights
+from megatron_emo.parallel.sharded_state import full_tensors, load_full_weights
 from megatron_emo.recipes import OptimConfig
 from megatron_emo.routing.router import DocumentPooledRouter
 from megatron_emo.training.cpu_mode import cuda_on_cpu
