@@ -61,6 +61,7 @@ LATEST = "latest"
 TOKENIZER_FILE = "tokenizer.model"
 TMP_PREFIX = ".tmp-"
 OPTIMIZER_PREFIX = "optimizer."
+SHARDED_MARKER = "metadata.json"  # megatron-core's format marker
 
 
 class CheckpointError(RuntimeError):
@@ -176,8 +177,8 @@ class CheckpointSaver:
 
     def save(self, step: int, *, model, optimizer, scheduler) -> None:
         """Checkpoint ``step`` (every rank calls it); published now, or later when asynchronous."""
-        started = time.perf_counter()
         self.wait()  # one save in flight at a time
+        started = time.perf_counter()
         final = self.root / checkpoint_name(step)
         tmp = _fresh_tmp(final)
         state = training_state(model, optimizer, scheduler, step, is_loading=False)
@@ -284,9 +285,16 @@ def find_latest(root: Path) -> Optional[Path]:
     return path
 
 
+def _tensors_metadata(path: Path) -> dict:
+    if not (path / SHARDED_MARKER).is_file():
+        raise CheckpointError(f"checkpoint {path} has no {SHARDED_MARKER}: not a megatron-core sharded checkpoint "
+                              "(a state.pt checkpoint of an earlier megatron_emo cannot be read)")
+    return dist_checkpointing.load_tensors_metadata(str(path))
+
+
 def saved_model_shapes(path: Path) -> dict[str, tuple]:
     """One-process name → shape of every model tensor in checkpoint ``path``."""
-    metadata = dist_checkpointing.load_tensors_metadata(str(path))
+    metadata = _tensors_metadata(path)
     return {key: tuple(tensor.global_shape) for key, tensor in metadata.items()
             if not key.startswith(OPTIMIZER_PREFIX)}
 
@@ -373,7 +381,7 @@ def read_tensors(path: Path, *, optimizer: bool = False) -> dict[str, torch.Tens
     """The one-process weights of checkpoint ``path``, whole, by name (with ``optimizer`` also
     the optimizer's tensors, ``optimizer.state.<kind>.<name>``). No model needed; call it in a
     process group, e.g. of one process."""
-    metadata = dist_checkpointing.load_tensors_metadata(str(path))
+    metadata = _tensors_metadata(Path(path))
     wanted = {key: tensor for key, tensor in metadata.items() if optimizer or not key.startswith(OPTIMIZER_PREFIX)}
     loaded = dist_checkpointing.load(wanted, str(path))
     return {key: loaded[key] for key in wanted}  # without the common state load adds
