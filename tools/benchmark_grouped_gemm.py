@@ -146,6 +146,7 @@ def print_grouped_gemm(records):
 
 
 def _emo_layer(batch, seq, docs_per_row):
+    from megatron_emo.benchmark.synthetic import cut_into_documents
     from megatron_emo.model.moe_layer import EmoMoELayer
     from megatron_emo.recipes import emo_1b14b
     from megatron_emo.routing.documents import document_ids
@@ -159,8 +160,8 @@ def _emo_layer(batch, seq, docs_per_row):
     layer.set_layer_number(1)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 1000, (batch, seq), generator=gen)
-    for row in range(batch):
-        ids[row, torch.randperm(seq - 1, generator=gen)[: docs_per_row - 1] + 1] = eos
+    for row in ids:
+        cut_into_documents(row, docs_per_row, eos, gen)
     docs = document_ids(ids.cuda(), eos, seed=0, step=0, sample_index=torch.arange(batch).cuda())
     hidden = torch.randn(seq, batch, config.hidden_size, generator=gen).cuda().bfloat16()
     return layer, config, hidden.requires_grad_(True), docs

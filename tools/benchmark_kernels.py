@@ -29,6 +29,8 @@ import sys
 
 import torch
 
+from megatron_emo.benchmark.synthetic import cut_into_documents
+
 EOS = 2
 
 
@@ -42,9 +44,8 @@ def emo_batch(batch, seq, docs_per_row, num_experts, pool_min, pool_max, seed):
     """
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, 1000, (batch, seq), generator=gen)
-    for row in range(batch):
-        starts = torch.randperm(seq - 1, generator=gen)[: docs_per_row - 1] + 1
-        input_ids[row, starts] = EOS
+    for row in input_ids:
+        cut_into_documents(row, docs_per_row, EOS, gen)
     starts = input_ids == EOS
     starts[:, 0] = True  # every row starts a segment; a new one at each later EOS
     segment_ids = starts.flatten().cumsum(0) - 1

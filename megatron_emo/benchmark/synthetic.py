@@ -3,6 +3,13 @@
 import torch
 
 
+def cut_into_documents(row: torch.Tensor, docs_per_row: int, eos_id: int, generator: torch.Generator) -> None:
+    """Write ``docs_per_row - 1`` EOS tokens at distinct random positions after the first of
+    ``row`` (1-D, in place): with the row's start, ``docs_per_row`` router segments."""
+    starts = torch.randperm(row.shape[0] - 1, generator=generator)[: docs_per_row - 1] + 1
+    row[starts] = eos_id
+
+
 class SyntheticDocuments:
     """A dataset of random token sequences, each cut into ``docs_per_row`` documents.
 
@@ -23,6 +30,5 @@ class SyntheticDocuments:
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         sample = torch.randint(self.eos_id + 1, self.vocab_size, (self.seq_length + 1,), generator=generator)
-        starts = torch.randperm(self.seq_length - 1, generator=generator)[: self.docs_per_row - 1] + 1
-        sample[starts] = self.eos_id
+        cut_into_documents(sample[:-1], self.docs_per_row, self.eos_id, generator)
         return {"tokens": sample[:-1], "labels": sample[1:], "loss_mask": torch.ones(self.seq_length)}

@@ -50,14 +50,6 @@ class Tokenizer:
         """What megatron-core hashes into its dataset cache names: the model's content."""
         return {"sentencepiece_sha256": hashlib.sha256(self.model_file.read_bytes()).hexdigest()}
 
-    def check_eos(self, eos_token_id: int) -> None:
-        """Raise if the model config expects another EOS than this tokenizer's."""
-        if eos_token_id != self.eos_id:
-            raise ValueError(
-                f"the model config's emo_eos_token_id={eos_token_id} differs from the EOS id "
-                f"{self.eos_id} of tokenizer {self.model_file}: use that tokenizer's EOS"
-            )
-
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 

@@ -1,1 +1,1 @@
-"""Experts: token permutation to expert order, grouped SwiGLU routed experts."""
+"""Experts: the grouped SwiGLU routed experts (their permutation is megatron_emo.kernels.permutation)."""

@@ -82,11 +82,3 @@ def test_megatron_attributes(demo_tokenizer, demo_data, tmp_path):
     assert Tokenizer(copy).unique_identifiers == ids
     other = train_tokenizer(python_docs()[:100], tmp_path / "other.model", vocab_size=400)
     assert other.unique_identifiers != ids
-
-
-def test_check_eos(demo_tokenizer):
-    demo_tokenizer.check_eos(3)
-    with pytest.raises(ValueError) as error:
-        demo_tokenizer.check_eos(2)
-    message = str(error.value)
-    assert "emo_eos_token_id=2" in message and "EOS id 3" in message

@@ -1,9 +1,9 @@
-"""Single-rank dispatch and combine (megatron_emo.experts.permute)."""
+"""Single-rank dispatch and combine (megatron_emo.kernels.permutation): rows in expert order, and back."""
 
 import pytest
 import torch
 
-from megatron_emo.experts.permute import permute, tokens_per_expert, unpermute
+from megatron_emo.kernels.permutation import permute, tokens_per_expert, unpermute
 
 
 def random_indices(num_tokens, num_experts, topk):
