@@ -10,7 +10,7 @@ import ast
 import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -240,6 +240,14 @@ def get_recipe(name: str) -> RunConfig:
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}: choose one of {sorted(RECIPES)}")
     return RECIPES[name]()
+
+
+def resolve_run(recipe: str, overrides: Iterable[str] = ()) -> RunConfig:
+    """Recipe ``recipe`` with the ``--set`` assignments ``overrides`` applied in order."""
+    run = get_recipe(recipe)
+    for assignment in overrides:
+        apply_override(run, assignment)
+    return run
 
 
 def _parse_value(text: str) -> Any:

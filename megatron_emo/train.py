@@ -29,7 +29,7 @@ EXIT_BAD_INPUT = 2
 """A bad setting, dataset, tokenizer or checkpoint: nothing was trained."""
 EXIT_NON_FINITE = 3
 """Stopped on non-finite losses or gradients, after saving the last good state."""
-from megatron_emo.recipes import RECIPES, apply_override, get_recipe
+from megatron_emo.recipes import RECIPES, resolve_run
 
 
 def parse_args(argv=None):
@@ -44,9 +44,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     configure_cli_logging()
     try:
-        run = get_recipe(args.recipe)
-        for assignment in args.overrides:
-            apply_override(run, assignment)
+        run = resolve_run(args.recipe, args.overrides)
         if args.print_config:
             print(json.dumps(dataclasses.asdict(run), indent=2, default=str))
             return 0

@@ -27,13 +27,15 @@ import torch  # noqa: E402
 
 from megatron_emo.benchmark.cases import CASES, init_weights  # noqa: E402
 from megatron_emo.config import ConfigError  # noqa: E402
-from megatron_emo.recipes import apply_override, get_recipe, validate_run  # noqa: E402
+from megatron_emo.recipes import resolve_run, validate_run  # noqa: E402
 from megatron_emo.training.checkpoint import CheckpointSaver, find_latest, load_checkpoint  # noqa: E402
 from megatron_emo.training.cpu_mode import megatron_device  # noqa: E402
 from megatron_emo.training.distributed import init_model_parallel, init_process_group, shutdown_distributed  # noqa: E402
 from megatron_emo.training.loop import wrap_for_gpu  # noqa: E402
 from megatron_emo.training.metrics import run_info  # noqa: E402
 from megatron_emo.training.optimizer import cpu_stepper, gpu_stepper  # noqa: E402
+
+EXIT_BAD_INPUT = 2
 
 
 def parse_args(argv):
@@ -92,6 +94,8 @@ def measure(run, vocab_size: int, directory: Path, repeats: int, async_save: boo
         if runtime.on_gpu:
             torch.cuda.synchronize()
         loads.append(time.perf_counter() - started)
+        print(f"[{repeat + 1}/{repeats}] save {saves[-1]:.1f} s, published after {publishes[-1]:.1f} s, "
+              f"load {loads[-1]:.1f} s", flush=True)
     saver.close()
     size = _bytes(path)
     return {
@@ -112,13 +116,11 @@ def main(argv=None) -> int:
     configure_cli_logging()
     args = parse_args(argv)
     try:
-        run = get_recipe(args.recipe)
-        for assignment in args.overrides:
-            apply_override(run, assignment)
+        run = resolve_run(args.recipe, args.overrides)
         validate_run(run)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     directory = args.directory or Path(tempfile.mkdtemp(prefix="emo_ckpt_bench_"))
     try:
         with megatron_device():

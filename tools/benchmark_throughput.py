@@ -49,13 +49,16 @@ from megatron_emo.benchmark.runner import run_case  # noqa: E402
 from megatron_emo.benchmark.synthetic import SyntheticDocuments  # noqa: E402
 from megatron_emo.config import ConfigError  # noqa: E402
 from megatron_emo.data.gpt_data import build_train_dataset  # noqa: E402
-from megatron_emo.recipes import apply_override, get_recipe, validate_run  # noqa: E402
+from megatron_emo.data.indexed import DatasetError  # noqa: E402
+from megatron_emo.recipes import resolve_run, validate_run  # noqa: E402
 from megatron_emo.routing import router  # noqa: E402
 from megatron_emo.training.cpu_mode import megatron_device  # noqa: E402
 from megatron_emo.training.distributed import init_model_parallel, init_process_group, shutdown_distributed  # noqa: E402
 from megatron_emo.training.flops import PEAK_BF16_TFLOPS  # noqa: E402
 from megatron_emo.training.loop import resolve_data  # noqa: E402
 from megatron_emo.training.metrics import run_info  # noqa: E402
+
+EXIT_BAD_INPUT = 2
 
 SYNTHETIC_EOS = 2
 
@@ -215,20 +218,26 @@ def print_summary(records: list[dict]) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.plot:
-        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        try:
+            records = json.loads(Path(args.plot).read_text())
+        except (OSError, ValueError) as error:
+            print(f"error: --plot {args.plot}: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        plot(records, Path(args.plot).with_suffix(".png"))
         return 0
     configure_cli_logging()
     try:
-        run = get_recipe(args.recipe)
-        for assignment in args.overrides:
-            apply_override(run, assignment)
+        run = resolve_run(args.recipe, args.overrides)
         validate_run(run)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     with megatron_device():
         try:
             records, env = benchmark(run, args)
+        except (DatasetError, FileNotFoundError) as error:  # --data recipe: the run's data
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         finally:
             shutdown_distributed()
     if os.environ.get("RANK", "0") != "0":

@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore", message="Using a large number of experts")
 
 from megatron_emo.config import ConfigError
 from megatron_emo.parallel.memory import GiB, RECOMPUTE_SETTINGS, estimate_memory
-from megatron_emo.recipes import RECIPES, apply_override, get_recipe
+from megatron_emo.recipes import RECIPES, resolve_run
 
 EXIT_BAD_INPUT = 2
 EXIT_DOES_NOT_FIT = 3
@@ -83,9 +83,7 @@ def table(estimate) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        run = get_recipe(args.recipe)
-        for assignment in args.overrides:
-            apply_override(run, assignment)
+        run = resolve_run(args.recipe, args.overrides)
         vocab_size = args.vocab_size or tokenizer_vocab_size(run)
         estimate = estimate_memory(run, world_size=args.world_size, vocab_size=vocab_size)
     except (ConfigError, FileNotFoundError) as error:

@@ -36,7 +36,8 @@ import triton.language as tl
 
 from megatron_emo.kernels.grouped_gemm import tuning
 
-PLAIN, SWIGLU, SWIGLU_BWD = (tl.constexpr(i) for i in range(3))
+PLAIN, SWIGLU, SWIGLU_BWD = (tl.constexpr(i) for i in (tuning.PLAIN_EPILOGUE, tuning.SWIGLU_EPILOGUE,
+                                                      tuning.SWIGLU_BWD_EPILOGUE))
 """The epilogues (constexpr, so that the kernels can read them)."""
 
 Alloc = Callable[..., torch.Tensor]

@@ -28,6 +28,9 @@ KEY = ["N_OUT", "K", "EPILOGUE", "stride_bn", "ROWS_PER_EXPERT"]
 WGRAD_KEY = ["N_OUT", "K", "ROWS_PER_EXPERT"]
 
 INTERPRETING = triton_interpreting()
+
+PLAIN_EPILOGUE, SWIGLU_EPILOGUE, SWIGLU_BWD_EPILOGUE = range(3)
+"""The kernel's EPILOGUE values (here, since the configuration pruning reads them)."""
 """Read once, as Triton reads it when the kernels are defined."""
 
 
@@ -88,7 +91,7 @@ SMALL_CONFIG = _configs([(64, 64, 32, 4, 3)])
 """For small problems; its stages fit in shared memory with fp32 inputs too."""
 
 
-def _small_problem(configs, args):
+def _small_problem(args):
     if INTERPRETING or (args["N_OUT"] >= SMALL and args["K"] >= SMALL):
         return None
     return SMALL_CONFIG
@@ -98,12 +101,12 @@ def prune_rows_configs(configs, named_args, **kwargs):
     """Small problems: one configuration. The SwiGLU forward holds two accumulators: keep each
     within 128 x 128 fp32 values (more spills registers)."""
     args = {**named_args, **kwargs}
-    small = _small_problem(configs, args)
-    if small or args["EPILOGUE"] != 1:
+    small = _small_problem(args)
+    if small or args["EPILOGUE"] != SWIGLU_EPILOGUE:
         return small or configs
     return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128] or configs
 
 
 def prune_wgrad_configs(configs, named_args, **kwargs):
     """Small problems: one configuration."""
-    return _small_problem(configs, {**named_args, **kwargs}) or configs
+    return _small_problem({**named_args, **kwargs}) or configs

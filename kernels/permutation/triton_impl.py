@@ -21,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_emo.kernels.grouped_gemm.tuning import INTERPRETING
+from megatron_emo.kernels.dispatch import triton_interpreting
 from megatron_emo.kernels.permutation import reference
 
+INTERPRETING = triton_interpreting()
 BLOCK_ROWS = 4 if INTERPRETING else 16
 """Rows (or tokens) per program. Under the interpreter small blocks, so that the CPU tests'
 shapes span several programs and column chunks."""

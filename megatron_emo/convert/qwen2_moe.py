@@ -96,7 +96,7 @@ class Dims:
             num_layers=config.num_layers,
             hidden=config.hidden_size,
             num_heads=config.num_attention_heads,
-            num_groups=config.num_query_groups or config.num_attention_heads,
+            num_groups=config.num_query_groups,
             head_dim=config.kv_channels,
             num_experts=config.num_routed_experts,
             ffn=config.moe_ffn_hidden_size,

@@ -64,7 +64,6 @@ def dispatch(rows: torch.Tensor, group_sizes: torch.Tensor, group: dist.ProcessG
 def combine(local_rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Send expert outputs back: ``[M, h]`` in :func:`dispatch`'s output order → ``[N, h]`` in
     the order of its input."""
-    received_order = torch.empty_like(plan.local_order)
-    received_order[plan.local_order] = torch.arange(plan.local_order.numel(), device=plan.local_order.device)
-    received = local_rows.index_select(0, received_order)
+    # Row i of local_rows came from received row local_order[i]: put it back there.
+    received = local_rows.new_empty(local_rows.shape).index_copy(0, plan.local_order, local_rows)
     return all_to_all(plan.group, received, plan.send_splits, plan.receive_splits)

@@ -268,7 +268,7 @@ def layer_params(config, *, tp: int, ep: int, etp: int) -> tuple[int, int]:
     """``(dense, routed-expert)`` parameters of one layer on one rank of a TP/EP/ETP layout
     (1, 1, 1: the one-process model)."""
     h, d = config.hidden_size, config.kv_channels
-    n, g = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
+    n, g = config.num_attention_heads, config.num_query_groups
     shared = config.emo_num_shared_experts * config.moe_ffn_hidden_size
     dense = 2 * h + h * (n + 2 * g) * d // tp + n * d * h // tp + config.num_routed_experts * h + 3 * h * shared // tp
     experts = ExpertLayout(config.num_routed_experts, ep)
@@ -291,7 +291,7 @@ def layer_activations(config, layout: Layout) -> dict:
     the module docstring)."""
     a = _element_bytes(config)
     h, d, tp = config.hidden_size, config.kv_channels, layout.tp
-    n, g = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
+    n, g = config.num_attention_heads, config.num_query_groups
     s = layout.seq_length // layout.cp
     tokens, tokens_sp = _tokens(layout)
     experts, topk = config.num_routed_experts, config.routed_topk
@@ -376,7 +376,7 @@ def estimate_memory(run: RunConfig, *, world_size: int, vocab_size: int) -> Memo
     weight_bytes = _element_bytes(config)
     # bf16 training keeps an fp32 master copy besides Adam's two moments.
     optimizer_bytes = 12 if config.bf16 else 8
-    n, g, d = config.num_attention_heads, config.num_query_groups or config.num_attention_heads, config.kv_channels
+    n, g, d = config.num_attention_heads, config.num_query_groups, config.kv_channels
     # The routed experts' fc1 (2/3 of their parameters) or the attention's QKV.
     largest_layer_param = max(expert_layer // 3 * 2, h * (n + 2 * g) * d // tp)
     stages = []

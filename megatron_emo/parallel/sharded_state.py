@@ -27,7 +27,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-from megatron_emo.parallel.layout import ExpertLayout
+from megatron_emo.parallel.layout import ExpertLayout, expert_layout
 from megatron_emo.parallel.shards import ShardSpec, parameter_shards
 
 
@@ -93,11 +93,7 @@ def _placements(model, config) -> list[tuple[torch.nn.Parameter, _Placement]]:
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     dense_replica = parallel_state.get_data_parallel_rank(with_context_parallel=True)
     expert_replica = parallel_state.get_expert_data_parallel_rank()
-    layout = ExpertLayout(
-        config.num_routed_experts,
-        parallel_state.get_expert_model_parallel_world_size(),
-        parallel_state.get_expert_model_parallel_rank(),
-    )
+    layout = expert_layout(config)
     placements = []
     for param, spec in parameter_shards(model, config):
         if spec.expert:

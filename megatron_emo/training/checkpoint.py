@@ -75,12 +75,13 @@ def checkpoint_name(step: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # Files: hashing, manifest, publication
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, *, flush: bool = False) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
-        os.fsync(f.fileno())  # flushed to storage before the folder is published
+        if flush:  # on storage before the folder is published
+            os.fsync(f.fileno())
     return digest.hexdigest()
 
 
@@ -131,7 +132,7 @@ def _publish(tmp: Path, final: Path, run, tokenizer_file: Optional[Path]) -> Pat
     dist.barrier()
     names = _files(tmp)
     manifest = _all_ranks(_for_each_file(
-        lambda name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}, _share(names)))
+        lambda name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name, flush=True)}, _share(names)))
     if dist.get_rank() == 0:
         _write_json(tmp / MANIFEST, {name: manifest[name] for name in names})
         _fsync_dir(tmp)

@@ -155,6 +155,9 @@ def _train(run: RunConfig) -> list[dict]:
     on_gpu = torch.cuda.is_available()
     config = run.emo_config(vocab_size=vocab_size, eos_token_id=tokenizer.eos_id, on_gpu=on_gpu)
     runtime = init_model_parallel(config, seed=run.train.seed)
+    if run.gpt.share_embeddings and config.pipeline_model_parallel_size > 1 and not runtime.on_gpu:
+        # The CPU gradient reduction (parallel/grads.py) does not sum the tied copies' gradients.
+        raise ConfigError("gpt.share_embeddings with pipeline parallelism is not supported on the CPU")
     if run.train.async_save and not runtime.on_gpu:
         raise ConfigError("train.async_save needs a GPU (on the CPU the state would change while it is written)")
     per_microbatch = data.micro_batch_size * runtime.data_parallel_size

@@ -3,7 +3,7 @@
 ``triton_interpret`` tests run the kernels in Triton's interpreter at small shapes (4 rows and 16
 columns per program), or natively on a GPU. Data movement (the permuted rows, the group sizes,
 the order) must be bitwise equal; the weighted sums and gradients equal within fp32 rounding.
-The reference itself is tested against explicit loops in tests/experts/test_permute.py.
+The reference itself is tested against explicit loops in tests/kernels/test_permutation_order.py.
 """
 
 import logging

@@ -2,7 +2,7 @@ import pytest
 
 from megatron_emo.config import ConfigError
 from megatron_emo.parallel.memory import estimate_memory
-from megatron_emo.recipes import DataConfig, GPTConfig, RunConfig, apply_override, get_recipe
+from megatron_emo.recipes import DataConfig, GPTConfig, RunConfig, resolve_run
 
 HAND_MODEL = dict(
     num_layers=2,
@@ -29,9 +29,7 @@ def _hand_run(**model) -> RunConfig:
 
 
 def _flagship(world_size: int, *overrides: str, recompute: str = None):
-    run = get_recipe("emo_1b14b")
-    for assignment in ("data.micro_batch_size=1",) + overrides:
-        apply_override(run, assignment)
+    run = resolve_run("emo_1b14b", ("data.micro_batch_size=1",) + overrides)
     estimate = estimate_memory(run, world_size=world_size, vocab_size=100_278)
     return estimate.worst().total(recompute or estimate.recompute)
 
@@ -136,9 +134,8 @@ def test_more_parallelism_and_recomputation_use_less_memory():
 
 
 def test_earlier_pipeline_stages_hold_more_micro_batches():
-    run = get_recipe("emo_1b14b")
-    for assignment in ("model.pipeline_model_parallel_size=4", "model.expert_model_parallel_size=8", "data.micro_batch_size=1"):
-        apply_override(run, assignment)
+    run = resolve_run("emo_1b14b", ("model.pipeline_model_parallel_size=4", "model.expert_model_parallel_size=8",
+                                    "data.micro_batch_size=1"))
     stages = estimate_memory(run, world_size=32, vocab_size=100_278).stages
     activations = [stage.activations["none"] for stage in stages[:-1]]
     assert activations == sorted(activations, reverse=True) and len(set(activations)) == 3
