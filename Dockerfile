@@ -13,7 +13,6 @@ FROM ${BASE_IMAGE}
 WORKDIR /opt/megatron_emo
 COPY setup.py README.md ./
 COPY megatron_emo megatron_emo
-COPY kernels kernels
 COPY tools tools
 COPY examples examples
 

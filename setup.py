@@ -1,17 +1,11 @@
 from setuptools import find_packages, setup
 
-# The top-level kernels/ folder is installed as megatron_emo.kernels: PyPI has an unrelated
-# package named "kernels", so it is never imported under that name.
-kernel_packages = find_packages(include=["kernels", "kernels.*"])
-
 setup(
     name="megatron_emo",
     version="0.1.0",
     description="EMO document-pooled mixture-of-experts training on megatron-core",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_emo", "megatron_emo.*"])
-    + ["megatron_emo." + name for name in kernel_packages],
-    package_dir={"megatron_emo.kernels": "kernels"},
+    packages=find_packages(include=["megatron_emo", "megatron_emo.*"]),
     install_requires=[
         "torch>=2.6",
         # 0.17+ needs Python 3.12 and replaced the ModuleSpec layer specs we plug into.

@@ -8,6 +8,7 @@ type, and unknown names fail with the list of valid ones.
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -175,7 +176,8 @@ def tiny() -> RunConfig:
         data=DataConfig(seq_length=256, micro_batch_size=8, global_batch_size=16),
         gpt=GPTConfig(rotary_base=10_000, make_vocab_size_divisible_by=64),
         optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=20),
-        train=TrainConfig(steps=200, log_interval=10, eval_interval=100, eval_samples=32, output_dir="runs/tiny"),
+        train=TrainConfig(steps=200, log_interval=10, eval_interval=100, eval_samples=32, save_interval=50,
+                          output_dir="runs/tiny"),
     )
 
 
@@ -269,6 +271,11 @@ def _check_type(dotted: str, value: Any, current: Any) -> Any:
     return value
 
 
+def _did_you_mean(name: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(valid), n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
 def apply_override(run: RunConfig, assignment: str) -> None:
     """Apply one ``section.field=value`` override in place."""
     dotted, sep, text = assignment.partition("=")
@@ -279,7 +286,8 @@ def apply_override(run: RunConfig, assignment: str) -> None:
     if section == "model":
         valid = {f.name for f in dataclasses.fields(EmoConfig) if f.name not in ("emo_vocab_size", "emo_eos_token_id")}
         if name not in valid:
-            raise ConfigError(f"model.{name} is not an EmoConfig field (see megatron_emo/config.py)")
+            raise ConfigError(f"model.{name} is not an EmoConfig field{_did_you_mean(name, valid)} "
+                              "(EMO's fields: megatron_emo/config.py; the rest are megatron-core's TransformerConfig)")
         default = next(f.default for f in dataclasses.fields(EmoConfig) if f.name == name)
         current = run.model.get(name, None if default is dataclasses.MISSING else default)
         run.model[name] = _check_type(dotted, value, current)
@@ -290,7 +298,7 @@ def apply_override(run: RunConfig, assignment: str) -> None:
     target = getattr(run, section)
     names = [f.name for f in dataclasses.fields(target)]
     if name not in names:
-        raise ConfigError(f"{section}.{name} does not exist: {section} has {names}")
+        raise ConfigError(f"{section}.{name} does not exist{_did_you_mean(name, names)}: {section} has {names}")
     setattr(target, name, _check_type(dotted, value, getattr(target, name)))
 
 
@@ -354,3 +362,28 @@ def validate_run(run: RunConfig) -> None:
             f"train.wandb_project={train.wandb_project!r} needs the wandb package: pip install wandb "
             "(or leave train.wandb_project=None)"
         )
+
+
+DEMO_MAX_TRAIN_TOKENS = 100_000_000
+"""The demo corpus holds about 0.6M tokens: a run that plans more than this (some 170 passes
+over it) is a real pretraining run that was not given its data."""
+
+STAND_IN_EOS_ID = 3
+"""The EOS id of this package's tokenizers, for checking the model fields before a tokenizer
+is loaded."""
+
+
+def validate_training_run(run: RunConfig) -> None:
+    """Everything a training run is checked for before any work (``--print-config`` too): the run
+    sections, the model fields (with a stand-in vocabulary: the tokenizer is read later), and data
+    for the run's length."""
+    validate_run(run)
+    planned_tokens = run.train.steps * run.data.global_batch_size * run.data.seq_length
+    if not run.data.blend and planned_tokens > DEMO_MAX_TRAIN_TOKENS:
+        raise ConfigError(
+            f"data.blend is empty, so run {run.name!r} would train on the small demo corpus (about 0.6M tokens), "
+            f"but it plans {planned_tokens:.3g} tokens ({run.train.steps} steps of {run.data.global_batch_size} x "
+            f"{run.data.seq_length}): give it its data with data.blend and data.tokenizer_model (README: Data)"
+        )
+    run.emo_config(vocab_size=run.model_vocab_size(run.data.demo_vocab_size), eos_token_id=STAND_IN_EOS_ID,
+                   on_gpu=torch.cuda.is_available())

@@ -29,7 +29,7 @@ EXIT_BAD_INPUT = 2
 """A bad setting, dataset, tokenizer or checkpoint: nothing was trained."""
 EXIT_NON_FINITE = 3
 """Stopped on non-finite losses or gradients, after saving the last good state."""
-from megatron_emo.recipes import RECIPES, resolve_run
+from megatron_emo.recipes import RECIPES, resolve_run, validate_training_run
 
 
 def parse_args(argv=None):
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     configure_cli_logging()
     try:
         run = resolve_run(args.recipe, args.overrides)
+        validate_training_run(run)
         if args.print_config:
             print(json.dumps(dataclasses.asdict(run), indent=2, default=str))
             return 0

@@ -72,6 +72,18 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).name.split("_")[1])
+
+
+def published_checkpoints(root: Path) -> list[Path]:
+    """The published checkpoint folders under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((path for path in root.glob("step_*") if path.is_dir()), key=checkpoint_step)
+
+
 # ---------------------------------------------------------------------------------------------
 # Files: hashing, manifest, publication
 
@@ -270,13 +282,17 @@ def _file_error(folder: Path, name: str, expected: dict) -> Optional[str]:
     return None
 
 
+def report_unfinished_saves(root: Path) -> None:
+    for unfinished in sorted(Path(root).glob(f"{TMP_PREFIX}step_*")):
+        logger.warning("ignoring %s: an interrupted save", unfinished)
+
+
 def find_latest(root: Path) -> Optional[Path]:
     """The checkpoint ``latest`` names, or None; reports unfinished saves it ignores."""
     root = Path(root)
     if not root.is_dir():
         return None
-    for unfinished in sorted(root.glob(f"{TMP_PREFIX}step_*")):
-        logger.warning("ignoring %s: an interrupted save", unfinished)
+    report_unfinished_saves(root)
     pointer = root / LATEST
     if not pointer.is_file():
         return None
@@ -352,10 +368,12 @@ def load_weights(path: Path, model, run=None) -> None:
     load_model(path, model)
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, run=None) -> int:
-    """Verify ``path``, restore everything, and return the step to continue from."""
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, run=None, verified: bool = False) -> int:
+    """Verify ``path`` (unless the caller just ``verified`` it), restore everything, and return
+    the step to continue from."""
     path = Path(path)
-    verify_checkpoint(path)
+    if not verified:
+        verify_checkpoint(path)
     _check_fits(path, model, run)
     common = dist_checkpointing.load_common_state_dict(str(path))
     if "optimizer_kind" not in common:
@@ -392,9 +410,8 @@ def prune_checkpoints(root: Path, *, keep_last: int, keep_every: int) -> None:
     """Delete old checkpoints but the newest ``keep_last`` and every ``keep_every``-th step."""
     if dist.get_rank() != 0:
         return
-    published = sorted(Path(root).glob("step_*"))
+    published = published_checkpoints(root)
     for path in published[: max(len(published) - keep_last, 0)]:
-        step = int(path.name.split("_")[1])
-        if keep_every and step % keep_every == 0:
+        if keep_every and checkpoint_step(path) % keep_every == 0:
             continue
         shutil.rmtree(path)

@@ -25,10 +25,10 @@ from megatron_emo.data.indexed import check_dataset
 from megatron_emo.data.tokenizer import Tokenizer
 from megatron_emo.model.gpt import build_model_chunks
 from megatron_emo.config import ConfigError
-from megatron_emo.recipes import RunConfig, validate_run
+from megatron_emo.recipes import RunConfig, validate_training_run
 from megatron_emo.routing.documents import document_ids
 from megatron_emo.routing.router import DocumentPooledRouter
-from megatron_emo.training.checkpoint import CheckpointSaver, find_latest, load_checkpoint, load_weights
+from megatron_emo.training.checkpoint import CheckpointSaver, load_checkpoint, load_weights
 from megatron_emo.training.cpu_mode import megatron_device
 from megatron_emo.training.flops import peak_tflops, training_flops_per_token
 from megatron_emo.training.evaluate import build_validation_datasets, evaluate
@@ -37,6 +37,8 @@ from megatron_emo.parallel.grads import finalize_cpu_grads
 from megatron_emo.parallel.shards import chunks_of
 from megatron_emo.training.distributed import Runtime, init_model_parallel, init_process_group, shutdown_distributed
 from megatron_emo.training.metrics import MetricsWriter
+from megatron_emo.training.run_folder import plan_start
+from megatron_emo.training.summary import run_summary
 from megatron_emo.training.optimizer import USE_DISTRIBUTED_OPTIMIZER, cpu_stepper, gpu_stepper
 
 logger = logging.getLogger(__name__)
@@ -134,7 +136,7 @@ def wrap_for_gpu(model, config):
 
 def train(run: RunConfig) -> list[dict]:
     """Train ``run`` and return the logged records (also written to metrics.jsonl)."""
-    validate_run(run)
+    validate_training_run(run)
     # A caller that set up the world (a test harness, a notebook) keeps it.
     owns_world = not torch.distributed.is_initialized()
     with megatron_device(), logging_redirect_tqdm():
@@ -155,6 +157,7 @@ def _train(run: RunConfig) -> list[dict]:
     on_gpu = torch.cuda.is_available()
     config = run.emo_config(vocab_size=vocab_size, eos_token_id=tokenizer.eos_id, on_gpu=on_gpu)
     runtime = init_model_parallel(config, seed=run.train.seed)
+    start = plan_start(run.train)  # before anything in the run folder is written
     if run.gpt.share_embeddings and config.pipeline_model_parallel_size > 1 and not runtime.on_gpu:
         # The CPU gradient reduction (parallel/grads.py) does not sum the tied copies' gradients.
         raise ConfigError("gpt.share_embeddings with pipeline parallelism is not supported on the CPU")
@@ -202,20 +205,22 @@ def _train(run: RunConfig) -> list[dict]:
     routers = _routers(model)
     checkpoints = Path(run.train.output_dir) / "checkpoints"
     start_step = 0
-    latest = find_latest(checkpoints) if run.train.resume else None
-    if latest is not None:
+    if start.checkpoint is not None:
         load_started = time.perf_counter()
-        start_step = load_checkpoint(latest, model=gpt_model, optimizer=stepper.optimizer,
-                                     scheduler=stepper.scheduler, run=run)
+        start_step = load_checkpoint(start.checkpoint, model=gpt_model, optimizer=stepper.optimizer,
+                                     scheduler=stepper.scheduler, run=run, verified=True)
         load_seconds = time.perf_counter() - load_started
-    elif run.train.init_from:
-        load_weights(Path(run.train.init_from), gpt_model, run)
+    elif start.init_from is not None:
+        load_weights(start.init_from, gpt_model, run)
 
     writer = MetricsWriter(run, enabled=runtime.is_logging_rank, resume_step=start_step)
-    if latest is not None:
-        writer.info(f"resumed from {latest} at step {start_step} (loaded in {load_seconds:.1f} s)")
-    elif run.train.init_from:
-        writer.info(f"started from the weights of {run.train.init_from}")
+    if start.checkpoint is not None:
+        writer.info(f"resumed from {start.checkpoint} at step {start_step} (loaded in {load_seconds:.1f} s)")
+    elif start.init_from is not None:
+        writer.info(f"started from the weights of {start.init_from}")
+    if start_step >= run.train.steps:
+        writer.info(f"{run.train.output_dir} already finished at step {start_step} of train.steps={run.train.steps}: "
+                    "nothing to train (raise train.steps to train longer)")
     writer.info(
         f"{run.name}: {num_params / 1e6:.2f}M parameters on this rank, {len(blend)} datasets, "
         f"{data.seq_length}-token samples, vocab {vocab_size}, router {config.emo_router_mode}, "
@@ -292,6 +297,8 @@ def _train(run: RunConfig) -> list[dict]:
             if stop.received:
                 break
         saver.wait()  # the last checkpoint is published before the run reports success
+        for line in run_summary(Path(run.train.output_dir), steps=run.train.steps):
+            writer.info(line)
     finally:
         saver.close()
         progress.close()
