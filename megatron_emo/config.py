@@ -20,6 +20,13 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message names the field and the fix."""
 
 
+UNSUPPORTED_MEGATRON_OPTIONS = (
+    ("attention_dropout", 0.0, "the variable-length flash attention kernel has no dropout"),
+    ("mlp_chunks_for_prefill", 1, "the MoE layer needs the whole micro-batch's documents"),
+)
+"""megatron-core fields that EMO's layers do not honour: (name, the one value that works, why)."""
+
+
 @dataclass(kw_only=True)
 class EmoConfig(TransformerConfig):
     emo_vocab_size: int
@@ -135,3 +142,6 @@ class EmoConfig(TransformerConfig):
         for name in ("emo_lb_loss_weight", "emo_z_loss_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        for name, supported, why in UNSUPPORTED_MEGATRON_OPTIONS:
+            if getattr(self, name) != supported:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not supported ({why}): leave it at {supported!r}")

@@ -2,10 +2,15 @@
 
     python -m megatron_emo.train --recipe tiny                      # 2 CPU cores, minutes
     python -m megatron_emo.train --recipe tiny --set model.emo_router_mode=topk --set train.steps=20
-    torchrun --nproc-per-node 8 -m megatron_emo.train --recipe emo_1b14b --set data.global_batch_size=64
+    torchrun --nproc-per-node 8 -m megatron_emo.train --recipe emo_1b14b \
+        --set "data.blend=[[0.7,'data/web'],[0.3,'data/code']]" --set data.tokenizer_model="'tok.model'"
 
 Recipes live in megatron_emo/recipes.py; ``--set section.field=value`` overrides any field of
-the run (sections: model, data, gpt, optim, train). ``--print-config`` shows the resolved run.
+the run (sections: model, data, gpt, optim, train). ``--print-config`` checks and shows the
+resolved run; ``-v`` also shows megatron-core's own log lines and warnings.
+
+A run's folder (``train.output_dir``) is resumed from its newest checkpoint that verifies; a
+folder holding another run is refused with the way out named (megatron_emo/training/run_folder.py).
 
 Exit codes: 0 finished, or stopped by SIGTERM/SIGUSR1 after saving a checkpoint; 2 bad input
 (setting, data, tokenizer or checkpoint); 3 stopped on non-finite steps (checkpoint saved).
@@ -16,7 +21,7 @@ import dataclasses
 import json
 import sys
 
-from megatron_emo.logs import configure_cli_logging, quiet_megatron_warnings
+from megatron_emo.logs import add_verbose_argument, configure_cli_logging, quiet_megatron_warnings
 
 quiet_megatron_warnings()  # before megatron-core is imported below
 
@@ -37,12 +42,13 @@ def parse_args(argv=None):
     parser.add_argument("--recipe", required=True, choices=sorted(RECIPES))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--print-config", action="store_true", help="print the resolved run and exit")
+    add_verbose_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    configure_cli_logging()
+    configure_cli_logging(args.verbose)
     try:
         run = resolve_run(args.recipe, args.overrides)
         validate_training_run(run)

@@ -1,8 +1,11 @@
 """Shared test helpers: a small CPU EmoConfig, a seeded torch RNG for every test, and
 megatron-core on the CPU (``megatron_cpu``: model, conversion and dataset tests)."""
 
+import importlib.util
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +32,22 @@ def make_config(**overrides):
     from megatron_emo.config import EmoConfig  # megatron-core import is slow: only when used
 
     return EmoConfig(**{**SMALL_CONFIG, **overrides})
+
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module (the tools are scripts, not a package), with tools/ on
+    ``sys.path`` while it loads, for the tools that import their neighbours."""
+    sys.path.insert(0, str(TOOLS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(TOOLS))
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ selections and router probability, each domain's top ``--top-fraction`` experts 
 of its selections they carry, the mutual information between domain and expert, the distinct
 experts per document) and ``experts.png`` (heat maps). Measures: megatron_emo/analysis/.
 
-Exit codes: 0 done; 2 bad input.
+Exit codes: 0 done; 2 bad input, or a package of the analysis extra not installed.
 """
 
 import argparse
@@ -24,7 +24,8 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_emo.logs import configure_cli_logging, quiet_megatron_warnings
+from megatron_emo.analysis.extras import exit_unless_installed
+from megatron_emo.logs import add_verbose_argument, configure_cli_logging, quiet_megatron_warnings
 
 quiet_megatron_warnings()
 
@@ -42,6 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--top-fraction", type=float, default=0.25,
                         help="share of the experts counted as a domain's own (default 0.25)")
     parser.add_argument("--output", required=True, help="folder for experts.json and experts.png")
+    add_verbose_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -55,6 +57,8 @@ def _tool(name: str):
 
 def resolve_hf_folder(model: Path, output: Path) -> Path:
     """``model`` if it is an HF folder, else its checkpoint exported to ``output/hf``."""
+    if not model.exists():
+        raise FileNotFoundError(f"--model {model} does not exist")
     if (model / "config.json").is_file():
         return model
     if _tool("convert_to_hf").main(["--checkpoint", str(model), "--output", str(output / "hf"), "--force"]) != 0:
@@ -64,21 +68,19 @@ def resolve_hf_folder(model: Path, output: Path) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    configure_cli_logging()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    configure_cli_logging(args.verbose)
+    exit_unless_installed("analysis", "transformers", "scipy", "matplotlib")
     from megatron_emo.analysis.heatmap import plot_heatmaps
     from megatron_emo.analysis.specialisation import summarise
     from megatron_emo.analysis.usage import collect_usage, document_rows
+    from megatron_emo.convert.hf_generate import load_hf_model, load_hf_tokenizer
 
     output = Path(args.output)
     try:
         texts = _tool("evaluate").held_out(args)  # the same text per domain as tools/evaluate.py
         output.mkdir(parents=True, exist_ok=True)
         folder = resolve_hf_folder(Path(args.model), output)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model, tokenizer = load_hf_model(folder), load_hf_tokenizer(folder)
         documents = {}
         for domain, docs in texts.items():
             documents[domain], total = [], 0
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
                 total += len(ids)
             if not any(documents[domain]):
                 raise ValueError(f"domain {domain!r} has no text to analyse")
-        usage = collect_usage(model, documents)
+        usage = collect_usage(model, documents, progress=sys.stderr.isatty())
         summary = {"model": str(args.model), **summarise(usage, args.top_fraction)}
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from megatron_emo.logs import configure_cli_logging, quiet_megatron_warnings
+from megatron_emo.logs import add_verbose_argument, configure_cli_logging, quiet_megatron_warnings
 
 quiet_megatron_warnings()
 
@@ -48,6 +48,7 @@ def parse_args(argv):
     parser.add_argument("--directory", type=Path, default=None,
                         help="where checkpoints are written (default: a temporary folder, removed after)")
     parser.add_argument("--output", type=Path, required=True, help="JSON file to write")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -113,8 +114,8 @@ def measure(run, vocab_size: int, directory: Path, repeats: int, async_save: boo
 
 
 def main(argv=None) -> int:
-    configure_cli_logging()
     args = parse_args(argv)
+    configure_cli_logging(args.verbose)
     try:
         run = resolve_run(args.recipe, args.overrides)
         validate_run(run)

@@ -30,6 +30,7 @@ import sys
 import torch
 
 from megatron_emo.benchmark.synthetic import cut_into_documents
+from megatron_emo.logs import add_verbose_argument, configure_cli_logging
 
 EOS = 2
 
@@ -269,7 +270,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ffn", type=int, default=1024, help="grouped_gemm: expert width F")
     parser.add_argument("--loads", nargs="+", default=["uniform", "zipf"],
                         help="grouped_gemm: expert loads (megatron_emo.testing.expert_loads)")  # fmt: skip
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    configure_cli_logging(args.verbose)
     if not torch.cuda.is_available():
         print("error: benchmark_kernels.py times CUDA kernels and needs a GPU; none is visible "
               "(torch.cuda.is_available() is False)", file=sys.stderr)  # fmt: skip

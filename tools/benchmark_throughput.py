@@ -4,9 +4,10 @@
 
 Trains the recipe for --warmup then --steps timed steps per case and reports tokens/s/GPU,
 TFLOP/s/GPU and MFU (the FLOP formula and the GPU's peak are printed and stored), peak memory,
-and where a step's time goes (attention, router, dispatch, experts, shared expert, combine, LM
-head, optimizer, other; from --profile-steps extra steps with CUDA events at module
-boundaries). Cases:
+and where a step's time goes (embedding, rotary table, attention, norms, router, dispatch,
+experts, shared expert, combine, LM head, loss, optimizer, other; from --profile-steps extra
+steps with CUDA events at module boundaries; on a GPU also the GPU's idle time per step, from
+one more step under torch.profiler). Cases:
 
 - ``emo``: our full stack (document-pooled router, fused kernels where present);
 - ``topk``: the same model with plain top-k routing (no pool): the cost of EMO;
@@ -36,7 +37,7 @@ from unittest import mock
 # Before torch starts CUDA: fewer fragmentation failures for the largest models.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from megatron_emo.logs import configure_cli_logging, quiet_megatron_warnings  # noqa: E402
+from megatron_emo.logs import add_verbose_argument, configure_cli_logging, quiet_megatron_warnings  # noqa: E402
 
 quiet_megatron_warnings()
 
@@ -85,6 +86,7 @@ def parse_args(argv):
     parser.add_argument("--docs-per-row", type=int, default=30, help="documents per synthetic sequence")
     parser.add_argument("--output", help="directory for the JSON and the chart")
     parser.add_argument("--plot", metavar="JSON", help="only redraw the chart of an earlier run's JSON")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     if args.plot is None and args.output is None:
         parser.error("--output is required (or --plot)")
@@ -225,7 +227,7 @@ def main(argv=None) -> int:
             return EXIT_BAD_INPUT
         plot(records, Path(args.plot).with_suffix(".png"))
         return 0
-    configure_cli_logging()
+    configure_cli_logging(args.verbose)
     try:
         run = resolve_run(args.recipe, args.overrides)
         validate_run(run)

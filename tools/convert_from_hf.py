@@ -2,11 +2,14 @@
 training.
 
     python tools/convert_from_hf.py --hf runs/tiny/hf --recipe tiny --output runs/tiny-continued/init
-    python -m megatron_emo.train --recipe tiny --set train.init_from="'runs/tiny-continued/init'" ...
+    python -m megatron_emo.train --recipe tiny --set train.init_from="'runs/tiny-continued/init'" \
+        --set train.output_dir="'runs/tiny-continued'" ...
 
 Writes a weights-only megatron_emo checkpoint folder (verified like any checkpoint, with the
 run config and the folder's tokenizer.model) and prints the ``--set`` overrides that make the
-recipe's model match the imported one, plus the command that starts training from it. The
+recipe's model match the imported one, plus the command that starts training from it in a
+folder of its own (the output's parent, or ``<output>-run`` beside it when the parent holds a
+run). ``--force`` replaces only a checkpoint folder (every file listed in its manifest). The
 document pools are restored from the export's ``emo_metadata`` when present.
 
 Exit codes: 0 done; 2 bad input (not a Qwen2-MoE folder the model can express, a missing shard,
@@ -15,11 +18,10 @@ an existing output without --force).
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
-from megatron_emo.logs import configure_cli_logging, quiet_megatron_warnings
+from megatron_emo.logs import add_verbose_argument, configure_cli_logging, quiet_megatron_warnings
 
 quiet_megatron_warnings()  # before megatron-core is imported
 
@@ -32,6 +34,7 @@ def parse_args(argv=None):
     parser.add_argument("--recipe", required=True, help="the recipe to train with (its data, optimizer and schedule)")
     parser.add_argument("--output", required=True, help="the checkpoint folder to write")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    add_verbose_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -60,8 +63,12 @@ def convert(args) -> list[str]:
     hf_dir, output = Path(args.hf), Path(args.output)
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir} has no config.json: not a Hugging Face model folder")
-    if output.exists() and not args.force:
-        raise FileExistsError(f"{output} exists: pass --force to replace it")
+    if output.exists():
+        if not args.force:
+            raise FileExistsError(f"{output} exists: pass --force to replace it")
+        if not _is_weights_checkpoint(output):
+            raise FileExistsError(f"{output} is not a checkpoint folder this tool wrote: --force replaces only "
+                                  "those; choose another --output")
     raw = json.loads((hf_dir / "config.json").read_text())
     tensors = hf_folder.read_hf_weights(hf_dir)
     if raw.get("model_type") == "emo":  # allenai's EmoForCausalLM layout
@@ -80,17 +87,34 @@ def convert(args) -> list[str]:
     run.model.update(imported.model)
     run.gpt.rotary_base, run.gpt.share_embeddings = gpt["gpt.rotary_base"], gpt["gpt.share_embeddings"]
     tokenizer = hf_dir / "tokenizer.model"
-    if output.exists():
-        shutil.rmtree(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with process_group(), megatron_device():
+        # Published atomically: an existing output is replaced only once the new one is complete.
         write_weights_checkpoint(output, state, run, tokenizer if tokenizer.is_file() else None)
-    return [f"{key}={value!r}" for key, value in overrides.items()] + [f"train.init_from={str(output)!r}"]
+    return [f"{key}={value!r}" for key, value in overrides.items()] + [
+        f"train.init_from={str(output)!r}", f"train.output_dir={str(_run_folder_for(output))!r}"]
+
+
+def _is_weights_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds exactly the files of a published checkpoint (its manifest's)."""
+    manifest = folder / "manifest.json"
+    try:
+        listed = set(json.loads(manifest.read_text()))
+    except (OSError, ValueError):
+        return False
+    return {path.name for path in folder.iterdir()} == listed | {manifest.name}
+
+
+def _run_folder_for(init: Path) -> Path:
+    """A folder for the run that starts from ``init``: its parent, unless that holds a run."""
+    parent = init.parent
+    holds_run = (parent / "checkpoints").exists() or (parent / "metrics.jsonl").exists()
+    return parent / f"{init.name}-run" if holds_run else parent
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    configure_cli_logging()
+    configure_cli_logging(args.verbose)
     from megatron_emo.convert.qwen2_moe import ConversionError
 
     try:

@@ -13,24 +13,34 @@ or the run's output folder (then the newest checkpoint). The checkpoint is verif
 manifest first. The tokenizer is the run's (``data.tokenizer_model``, or the demo corpus's under
 ``data.cache_dir``) unless ``--tokenizer-model`` names another.
 
+The export is written to a temporary folder beside ``--output`` and renamed when complete; an
+earlier export there is deleted only once the new one is in place (a failed export leaves it as
+it was). ``--output`` must not be the checkpoint, hold it (the run or its ``checkpoints`` folder)
+or lie inside it. An existing non-empty ``--output`` is replaced only with ``--force``, and only
+if it is an earlier export: it has ``config.json`` and every entry in it is a file named as an
+export names its files (:data:`EXPORT_FILE`). A folder holding anything else (a user's file, a
+subfolder) is never replaced.
+
 The HF model routes every token over all routed experts (no document pool, as EMO's own HF
 release) and attends causally across EOS: megatron_emo in eval mode with
 ``emo_eval_pool=None`` on one document gives the same logits. Mapping details:
 megatron_emo/convert/qwen2_moe.py.
 
 Exit codes: 0 done; 2 bad input (missing or corrupt checkpoint, no tokenizer, a model the
-format cannot express, an existing output folder without --force).
+format cannot express, an --output that is, holds or lies inside the checkpoint, a non-empty one
+without --force, or one --force may not replace).
 """
 
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from megatron_emo.logs import configure_cli_logging, quiet_megatron_warnings
+from megatron_emo.logs import add_verbose_argument, configure_cli_logging, quiet_megatron_warnings
 
 quiet_megatron_warnings()  # before megatron-core is imported
 
@@ -40,6 +50,16 @@ EXIT_BAD_INPUT = 2
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_CHECK_DOCS = 30
 """Documents per demo domain re-encoded to check the exported tokenizer."""
+EXPORT_FILE = re.compile(
+    r"config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+    r"|tokenizer\.json|tokenizer_config\.json|tokenizer\.model"
+)
+"""The names of the files an export writes (both layouts): ``--force`` replaces a folder only
+if it has config.json and holds nothing but files with these names."""
+
+
+class OutputError(Exception):
+    """An ``--output`` this tool may not write or replace."""
 
 
 def parse_args(argv=None):
@@ -53,10 +73,12 @@ def parse_args(argv=None):
     parser.add_argument("--layout", choices=("qwen2_moe", "emo"), default="qwen2_moe",
                         help="qwen2_moe: stock transformers (default); emo: allenai's EmoForCausalLM key names "
                         "(needs that model's remote code to load)")
-    parser.add_argument("--force", action="store_true", help="replace an existing --output folder")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an earlier export at --output (never a folder holding other files)")
     parser.add_argument("--generate", metavar="PROMPT", help="then load --output in stock transformers and "
                         "print a greedy continuation of PROMPT")
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     if args.checkpoint is None and args.generate is None:
         parser.error("give --checkpoint (export) and/or --generate (load --output and generate)")
@@ -75,18 +97,67 @@ def _demo_texts(run) -> list[str]:
     return texts
 
 
+def check_output(output: Path, checkpoint: Path, *, force: bool) -> None:
+    """Refuse an ``--output`` that is, holds or lies inside ``checkpoint``, a non-empty one
+    without ``force``, and one that is not an earlier export (see the module docstring)."""
+    out, ckpt = output.resolve(), checkpoint.resolve()
+    home = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent  # the run, for a step_N
+    if out == ckpt or out in ckpt.parents:
+        raise OutputError(f"refusing --output {output}: it is or holds the checkpoint {checkpoint} (the export would "
+                          f"replace it); write the export to a folder of its own, e.g. {home / 'hf'}")
+    if ckpt in out.parents:
+        raise OutputError(f"refusing --output {output}: it is inside the checkpoint {checkpoint}; write the "
+                          f"export to a folder of its own, e.g. {home / 'hf'}")
+    if output.is_symlink() or (output.exists() and not output.is_dir()):
+        raise OutputError(f"refusing --output {output}: it is a file or a symbolic link, not a folder; "
+                          "choose another --output")
+    entries = sorted(output.iterdir()) if output.exists() else []
+    if not entries:
+        return
+    if not force:
+        raise OutputError(f"{output} exists and is not empty: pass --force to replace the earlier export "
+                          "there, or choose another --output")
+    others = [entry.name for entry in entries
+              if entry.is_symlink() or not entry.is_file() or not EXPORT_FILE.fullmatch(entry.name)]
+    if others:
+        more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+        raise OutputError(f"refusing to replace {output}: it holds {', '.join(others[:5])}{more}, which an export "
+                          "does not write (--force replaces only an earlier export); move them away or choose "
+                          "another --output")
+    if not (output / "config.json").is_file():
+        raise OutputError(f"refusing to replace {output}: it has no config.json, so it is not an earlier export "
+                          "(--force replaces only those); choose another --output")
+
+
+def _publish(tmp: Path, output: Path) -> None:
+    """Rename the finished export ``tmp`` to ``output``. An earlier export there is renamed aside
+    first and deleted once the new one is in place (renamed back if that fails): a crash between
+    the renames leaves it whole as ``.old-<name>-<pid>``."""
+    if not output.exists():
+        os.replace(tmp, output)
+        return
+    old = output.with_name(f".old-{output.name}-{os.getpid()}")
+    os.replace(output, old)
+    try:
+        os.replace(tmp, output)
+    except BaseException:
+        os.replace(old, output)
+        raise
+    shutil.rmtree(old)
+
+
 def export(args) -> Path:
     from megatron_emo.convert import hf_folder, qwen2_moe
     from megatron_emo.convert.emo_layout import rewrite_folder_as_emo
     from megatron_emo.convert.hf_tokenizer import export_tokenizer
-    from megatron_emo.convert.megatron_checkpoint import find_tokenizer, load_checkpoint_for_export
+    from megatron_emo.convert.megatron_checkpoint import find_tokenizer, load_checkpoint_for_export, resolve_checkpoint
     from megatron_emo.data.tokenizer import Tokenizer
 
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.force:
-        raise FileExistsError(f"{output} exists and is not empty: pass --force to replace it")
     start = time.time()
-    checkpoint = load_checkpoint_for_export(args.checkpoint)
+    path = resolve_checkpoint(args.checkpoint)
+    check_output(output, path, force=args.force)
+    checkpoint = load_checkpoint_for_export(path)
     tokenizer = Tokenizer(find_tokenizer(checkpoint.run, checkpoint.path, args.tokenizer_model))
     vocab = checkpoint.vocab_size()
     if tokenizer.vocab_size > vocab:
@@ -111,9 +182,7 @@ def export(args) -> Path:
         )
         if args.layout == "emo":
             rewrite_folder_as_emo(tmp, num_shared=config.emo_num_shared_experts, max_shard_size=args.max_shard_size)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
+        _publish(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -122,8 +191,9 @@ def export(args) -> Path:
     print(f"exported {checkpoint.path} (step {checkpoint.step}, run {checkpoint.run.name!r}) to {output} "
           f"in {time.time() - start:.1f} s")
     print(f"  {'EmoForCausalLM layout' if args.layout == 'emo' else 'Qwen2MoeForCausalLM'}: {config.num_layers} layers, hidden {config.hidden_size}, "
-          f"{config.num_routed_experts} routed experts (top-{config.routed_topk}) + "
-          f"{config.emo_num_shared_experts} shared, vocab {vocab} (tokenizer {tokenizer.vocab_size}), "
+          f"{config.num_routed_experts} routed + {config.emo_num_shared_experts} shared experts, "
+          f"top-{config.routed_topk} routed + {config.emo_num_shared_experts} shared "
+          f"(top-{config.moe_router_topk} with the shared expert), vocab {vocab} (tokenizer {tokenizer.vocab_size}), "
           f"{len(files)} safetensors file(s), {size / 1e6:.1f} MB")
     print(f"  tokenizer: {tokenizer.model_file} -> tokenizer.json, checked identical on {info['checked_texts']} texts")
     if config.emo_router_mode == "emo":
@@ -136,7 +206,7 @@ def export(args) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    configure_cli_logging()
+    configure_cli_logging(args.verbose)
     from megatron_emo.config import ConfigError
     from megatron_emo.convert.hf_tokenizer import TokenizerExportError
     from megatron_emo.convert.qwen2_moe import ConversionError
@@ -155,7 +225,7 @@ def main(argv=None) -> int:
             print(f"greedy continuation ({len(result.new_ids)} tokens, stock transformers): {result.text!r}")
             print(f"  token ids: {result.new_ids}")
     except (CheckpointError, ConversionError, TokenizerExportError, ConfigError, FileNotFoundError,
-            FileExistsError, ValueError) as error:
+            OutputError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

@@ -16,16 +16,15 @@ Exit codes: 0 fits; 2 impossible layout or bad setting; 3 does not fit.
 
 import argparse
 import json
+import math
 import sys
-import warnings
 
-from megatron_emo.logs import quiet_megatron_warnings
+from megatron_emo.logs import add_verbose_argument, configure_cli_logging, quiet_megatron_warnings
 
 quiet_megatron_warnings()
-# The router computes in fp32 whatever megatron-core's moe_router_dtype says.
-warnings.filterwarnings("ignore", message="Using a large number of experts")
 
 from megatron_emo.config import ConfigError
+from megatron_emo.data.indexed import DatasetError
 from megatron_emo.parallel.memory import GiB, RECOMPUTE_SETTINGS, estimate_memory
 from megatron_emo.recipes import RECIPES, resolve_run
 
@@ -33,18 +32,38 @@ EXIT_BAD_INPUT = 2
 EXIT_DOES_NOT_FIT = 3
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def gib(text: str) -> float:
+    """An argparse type: a finite, non-negative number of GiB."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of GiB, at least 0, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, choices=sorted(RECIPES))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--world-size", type=int, required=True, help="GPUs of the job")
-    parser.add_argument("--vocab-size", type=int,
+    parser.add_argument("--world-size", type=positive_int, required=True, help="GPUs of the job")
+    parser.add_argument("--vocab-size", type=positive_int,
                         help="the tokenizer's vocabulary (default: data.tokenizer_model's, else data.demo_vocab_size)")
-    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
-    parser.add_argument("--reserve-gib", type=float, default=6.0,
+    parser.add_argument("--gpu-memory-gib", type=gib, default=80.0, help="memory of one GPU (default 80)")
+    parser.add_argument("--reserve-gib", type=gib, default=6.0,
                         help="kept free for the CUDA context, NCCL and fragmentation (default 6)")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON (bytes) instead of a table")
-    return parser.parse_args(argv)
+    add_verbose_argument(parser)
+    args = parser.parse_args(argv)
+    if args.reserve_gib >= args.gpu_memory_gib:
+        parser.error(f"--reserve-gib {args.reserve_gib:g} leaves nothing of --gpu-memory-gib {args.gpu_memory_gib:g}")
+    return args
 
 
 def tokenizer_vocab_size(run) -> int:
@@ -82,11 +101,12 @@ def table(estimate) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    configure_cli_logging(args.verbose)
     try:
         run = resolve_run(args.recipe, args.overrides)
         vocab_size = args.vocab_size or tokenizer_vocab_size(run)
         estimate = estimate_memory(run, world_size=args.world_size, vocab_size=vocab_size)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, DatasetError, FileNotFoundError) as error:
         print(f"error: impossible layout or setting: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     refusal = estimate.refusal(int(args.gpu_memory_gib * GiB), int(args.reserve_gib * GiB))

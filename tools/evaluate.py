@@ -8,18 +8,24 @@ NAME=FILES (text or JSONL). Rows never cross a document. Prints a table and, wit
 writes JSON (one record per model and domain). A megatron_emo checkpoint is evaluated by
 exporting it first (tools/convert_to_hf.py): the HF model is how EMO models run, with no pool.
 
-Exit codes: 0 done; 2 bad input.
+Exit codes: 0 done; 2 bad input, or transformers not installed.
 """
 
 import argparse
 import json
+import logging
 import sys
 
-from megatron_emo.logs import configure_cli_logging, quiet_megatron_warnings
+from tqdm import tqdm
+
+from megatron_emo.analysis.extras import exit_unless_installed
+from megatron_emo.logs import add_verbose_argument, configure_cli_logging, quiet_megatron_warnings
 
 quiet_megatron_warnings()
 
 EXIT_BAD_INPUT = 2
+
+logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None):
@@ -31,6 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=None, help="cap per domain")
     parser.add_argument("--output", help="JSON file to write")
+    add_verbose_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -54,21 +61,25 @@ def held_out(args) -> dict[str, list[str]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    configure_cli_logging()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    configure_cli_logging(args.verbose)
+    exit_unless_installed("hf", "transformers")
+    from megatron_emo.convert.hf_folder import check_hf_folder
+    from megatron_emo.convert.hf_generate import load_hf_model, load_hf_tokenizer
     from megatron_emo.convert.prune import perplexity, token_batches
 
     try:
+        for hf_dir in args.hf:  # every folder before the first evaluation
+            check_hf_folder(hf_dir)
         domains = held_out(args)
         records = []
         for hf_dir in args.hf:
-            model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-            tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+            model, tokenizer = load_hf_model(hf_dir), load_hf_tokenizer(hf_dir)
             for domain, texts in domains.items():
                 batches = token_batches(tokenizer, texts, seq_length=args.seq_length, max_tokens=args.max_tokens)
-                ppl, tokens = perplexity(model, batches)
+                # A line per domain for logs; a bar per row on a terminal.
+                logger.info("evaluating %s on %s: %d rows", hf_dir, domain, len(batches))
+                ppl, tokens = perplexity(model, tqdm(batches, desc=domain, unit="row", leave=False,
+                                                     disable=not sys.stderr.isatty()))
                 records.append({"model": hf_dir, "domain": domain, "perplexity": ppl, "tokens": tokens,
                                 "num_experts": model.config.num_experts})
     except (ValueError, FileNotFoundError, OSError) as error:

@@ -13,7 +13,7 @@ the PNG (same name, .json) holds both loss lists and the largest absolute differ
 Sources: ``metrics.jsonl`` holds the values as logged (float64); TensorBoard events hold them
 as float32, so comparisons should read the JSONL (``--source auto`` prefers it).
 
-Exit codes: 0 done; 2 bad input (no such run, nothing logged).
+Exit codes: 0 done; 2 bad input (no such run, nothing logged) or matplotlib not installed.
 """
 
 import argparse
@@ -21,10 +21,13 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.figure import Figure
+if TYPE_CHECKING:  # imported where used: main first checks that matplotlib is installed
+    from matplotlib.figure import Figure
 
-from megatron_emo.logs import quiet_megatron_warnings
+from megatron_emo.analysis.extras import exit_unless_installed
+from megatron_emo.logs import add_verbose_argument, configure_cli_logging, quiet_megatron_warnings
 
 quiet_megatron_warnings()
 
@@ -58,6 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--compare", type=Path, metavar="OTHER_RUN", help="overlay this run's LM loss")
     parser.add_argument("--source", choices=("auto", "jsonl", "tensorboard"), default="auto",
                         help="auto: metrics.jsonl if the run has one, else its TensorBoard events")
+    add_verbose_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -109,8 +113,10 @@ def _plot(ax, values: dict[int, float], **style) -> None:
     ax.plot(steps, [values[s] for s in steps], **style)
 
 
-def plot_grid(series: dict, title: str) -> Figure:
+def plot_grid(series: dict, title: str) -> "Figure":
     """A 3-column grid with one panel per entry of :data:`PANELS`."""
+    from matplotlib.figure import Figure
+
     rows = math.ceil(len(PANELS) / 3)
     fig = Figure(figsize=(15, 3.6 * rows), layout="constrained")
     axes = fig.subplots(rows, 3, squeeze=False).flatten()
@@ -145,8 +151,10 @@ def compare_losses(a: dict[int, float], b: dict[int, float]) -> dict:
 
 
 def plot_comparison(label_a: str, a: dict[int, float], label_b: str, b: dict[int, float],
-                    result: dict) -> Figure:
+                    result: dict) -> "Figure":
     """Both loss curves on top, ``|a - b|`` per common step below."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(9, 7), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.4))
     _plot(top, a, label=label_a, linewidth=2.5, alpha=0.6)
@@ -170,6 +178,8 @@ def plot_comparison(label_a: str, a: dict[int, float], label_b: str, b: dict[int
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    configure_cli_logging(args.verbose)
+    exit_unless_installed("analysis", "matplotlib")
     try:
         series = load_run(args.run_dir, args.source)
         if args.compare is None:

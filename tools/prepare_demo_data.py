@@ -10,7 +10,11 @@ size of each domain. Training builds the same directory itself when data.blend i
 import argparse
 import sys
 
-from megatron_emo.data.demo_data import prepare_demo_data
+from megatron_emo.logs import add_verbose_argument, configure_cli_logging, quiet_megatron_warnings
+
+quiet_megatron_warnings()  # before megatron-core is imported
+
+from megatron_emo.data.demo_data import prepare_demo_data  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -18,7 +22,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=1)
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    configure_cli_logging(args.verbose)
     manifest = prepare_demo_data(args.output_dir, vocab_size=args.vocab_size, workers=args.workers)
     print(f"tokenizer {manifest['tokenizer']}: {manifest['vocab_size']} pieces, EOS {manifest['eos_id']}")
     for domain, entry in manifest["domains"].items():

@@ -13,11 +13,14 @@ prefix is what ``--set data.blend=...`` takes.
 """
 
 import argparse
-import logging
 import sys
 
-from megatron_emo.data.inputs import InputError
-from megatron_emo.data.preprocess import preprocess
+from megatron_emo.logs import add_verbose_argument, configure_cli_logging, quiet_megatron_warnings
+
+quiet_megatron_warnings()  # before megatron-core is imported
+
+from megatron_emo.data.inputs import InputError  # noqa: E402
+from megatron_emo.data.preprocess import preprocess  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,8 +32,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad input line")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_cli_logging(args.verbose)
     try:
         info, summary = preprocess(
             args.input, args.output_prefix, args.tokenizer_model, text_key=args.text_key,

@@ -10,13 +10,15 @@ probability, EMO's default), hits (layerwise greedy by top-k selections), random
 The output loads in stock transformers and carries pruning_metadata.json.
 
 Exit codes: 0 done; 2 bad input (K larger than the experts or smaller than the routed top-k, no
-calibration text, a folder that is not an export).
+calibration text, a folder that is not an export) or transformers not installed.
 """
 
 import argparse
 import sys
 
-from megatron_emo.logs import configure_cli_logging, quiet_megatron_warnings
+from megatron_emo.analysis.extras import exit_unless_installed
+from megatron_emo.data.demo_corpus import DOMAINS
+from megatron_emo.logs import add_verbose_argument, configure_cli_logging, quiet_megatron_warnings
 
 quiet_megatron_warnings()
 
@@ -33,10 +35,11 @@ def parse_args(argv=None):
     parser.add_argument("--method", default="usage", choices=("usage", "hits", "random"))
     parser.add_argument("--calibration", nargs="+", help="text or JSONL files of calibration text")
     parser.add_argument("--demo-dir", help="demo data folder (tools/prepare_demo_data.py), with --domain")
-    parser.add_argument("--domain", help="demo domain to calibrate on (its training documents)")
+    parser.add_argument("--domain", choices=DOMAINS, help="demo domain to calibrate on (its training documents)")
     parser.add_argument("--max-tokens", type=int, default=20_000, help="calibration tokens (default 20000)")
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="for --method random")
+    add_verbose_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -54,22 +57,20 @@ def calibration_texts(args) -> tuple[list[str], dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    configure_cli_logging()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    configure_cli_logging(args.verbose)
+    exit_unless_installed("hf", "transformers", "safetensors")
+    from megatron_emo.convert.hf_generate import load_hf_model, load_hf_tokenizer
     from megatron_emo.convert.prune import select_experts, token_batches, write_pruned
     from megatron_emo.convert.qwen2_moe import ConversionError
 
     try:
         texts, source = calibration_texts(args)
-        model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.hf)
+        model, tokenizer = load_hf_model(args.hf), load_hf_tokenizer(args.hf)
         batches = token_batches(tokenizer, texts, seq_length=args.seq_length, max_tokens=args.max_tokens)
         if not batches:
             raise ValueError("the calibration text is empty")
         keep = args.keep if args.keep is not None else max(1, round(args.keep_fraction * model.config.num_experts))
-        kept = select_experts(model, batches, keep, args.method, seed=args.seed)
+        kept = select_experts(model, batches, keep, args.method, seed=args.seed, progress=sys.stderr.isatty())
         calibration = {**source, "tokens": sum(b.shape[1] for b in batches), "max_tokens": args.max_tokens}
         write_pruned(args.hf, args.output, kept, method=args.method, calibration=calibration)
     except (ValueError, FileNotFoundError, OSError, ConversionError) as error:

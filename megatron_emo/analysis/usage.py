@@ -14,10 +14,14 @@ an EMO model and a standard MoE are measured alike: what is seen is what trainin
 router, not the pool's restriction. The shared expert runs for every token and is not counted.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,15 +87,18 @@ def document_rows(token_ids: Sequence[int], seq_length: int) -> list[torch.Tenso
 
 
 @torch.no_grad()
-def collect_usage(model, documents: dict[str, list[list[torch.Tensor]]]) -> ExpertUsage:
+def collect_usage(model, documents: dict[str, list[list[torch.Tensor]]], *, progress: bool = False) -> ExpertUsage:
     """Router statistics of a stock ``Qwen2MoeForCausalLM`` over ``{domain: [document rows]}``
-    (rows as :func:`document_rows` makes them, on any device)."""
+    (rows as :func:`document_rows` makes them, on any device). Logs a line per domain, and with
+    ``progress`` shows a bar over its documents."""
     config = model.config
     accumulator = UsageAccumulator(documents, num_layers=config.num_hidden_layers, num_experts=config.num_experts,
                                    top_k=config.num_experts_per_tok)
     device = next(model.parameters()).device
     for domain, docs in documents.items():
-        for rows in filter(None, docs):  # a document of one token has nothing to predict
+        docs = list(filter(None, docs))  # a document of one token has nothing to predict
+        logger.info("routing %s: %d documents, %d rows", domain, len(docs), sum(map(len, docs)))
+        for rows in tqdm(docs, desc=domain, unit="doc", leave=False, disable=not progress):
             per_row = [model(input_ids=row.to(device), output_router_logits=True).router_logits for row in rows]
             accumulator.add_document(domain, [torch.cat(layer) for layer in zip(*per_row)])
     return accumulator.result()

@@ -11,6 +11,8 @@ TARGETS = (
     ("emo / dense tokens/s", "dense", "tokens", 0.8, "close to the dense ceiling"),
 )
 MFU_TARGET = 0.40
+HEADERS = {"embedding": "embed", "attention": "attn", "shared_expert": "shared", "optimizer": "optim"}
+"""Table headers of the components whose names are too wide for a column."""
 
 
 def _ok(records: list[dict]) -> dict[str, dict]:
@@ -53,26 +55,34 @@ def _fmt(value, spec: str) -> str:
 
 
 def table(records: list[dict]) -> str:
-    """One line per case: throughput, MFU, memory, ratio to emo and the breakdown in ms/step."""
-    header = (f"{'case':<12}{'tok/s/GPU':>11}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}{'x emo':>7}"
-              + "".join(f"{name[:9]:>10}" for name in COMPONENTS))
-    lines = [header]
+    """Two tables, a line per case in each: throughput, MFU, memory, ratio to emo and the median
+    timed step; then ms per instrumented step: its total, the GPU's idle time within it (not a
+    component: idle gaps lie inside the components' times) and the breakdown."""
+    speed = [f"{'case':<12}{'tok/s/GPU':>11}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}{'x emo':>7}{'step ms':>9}"]
+    split = [f"{'case':<12}{'step':>9}{'GPU idle':>9}"
+             + "".join(f"{HEADERS.get(name, name):>9}" for name in COMPONENTS)]
     for r in records:
         if r["status"] != "ok":
-            lines.append(f"{r['case']:<12}{r['status']}: {r['error']}")
+            speed.append(f"{r['case']:<12}{r['status']}: {r['error']}")
             continue
-        breakdown = r.get("breakdown_ms", {})
-        lines.append(
+        speed.append(
             f"{r['case']:<12}{r['tokens_per_s_per_gpu']:>11.0f}{r['tflops_per_gpu']:>9.1f}"
             f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f'):>7}{_fmt(r.get('peak_memory_gib'), '.1f'):>9}"
-            f"{_fmt(r.get('vs_emo', {}).get('tokens_per_s'), '.2f'):>7}"
-            + "".join(f"{_fmt(breakdown.get(name), '.1f'):>10}" for name in COMPONENTS)
+            f"{_fmt(r.get('vs_emo', {}).get('tokens_per_s'), '.2f'):>7}{1e3 * r['step_time_median_s']:>9.1f}"
         )
-    return "\n".join(lines)
+        breakdown = r.get("breakdown_ms", {})
+        split.append(
+            f"{r['case']:<12}{_fmt(r.get('breakdown_step_ms'), '.1f'):>9}{_fmt(r.get('gpu_idle_ms'), '.1f'):>9}"
+            + "".join(f"{_fmt(breakdown.get(name), '.1f'):>9}" for name in COMPONENTS)
+        )
+    heading = "ms per instrumented step: its total, the GPU's idle time within it (not a component), by component"
+    return "\n".join(speed + ["", heading] + split)
 
 
 def draw_chart(records: list[dict], path, title: str) -> None:
-    """PNG: tokens/s/GPU per case, and each case's step time split by component."""
+    """PNG: tokens/s/GPU per case, and each case's step time split by component, with the
+    GPU's idle time within it written above (where measured)."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure  # no pyplot: no display backend needed
 
     ok = [r for r in records if r["status"] == "ok"]
@@ -85,10 +95,14 @@ def draw_chart(records: list[dict], path, title: str) -> None:
     speed.set_ylabel("tokens/s per GPU")
     speed.set_title("throughput")
     bottom = [0.0] * len(ok)
-    for name in COMPONENTS:
+    # One colour per component (the default cycle has 10): tab20's dark shades, then its light.
+    colors = colormaps["tab20"].colors[::2] + colormaps["tab20"].colors[1::2]
+    for name, color in zip(COMPONENTS, colors):
         heights = [r.get("breakdown_ms", {}).get(name, 0.0) for r in ok]
-        split.bar(names, heights, bottom=bottom, label=name)
+        top = split.bar(names, heights, bottom=bottom, label=name, color=color)
         bottom = [b + h for b, h in zip(bottom, heights)]
+    split.bar_label(top, labels=[f"GPU idle {r['gpu_idle_ms']:.0f} ms" if "gpu_idle_ms" in r else "" for r in ok],
+                    fontsize=7)
     split.set_ylabel("ms per step (instrumented steps)")
     split.set_title("where a step's time goes")
     split.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))

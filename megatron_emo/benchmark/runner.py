@@ -1,4 +1,5 @@
-"""One benchmark case: build, train W warm-up and N timed steps, then the time breakdown.
+"""One benchmark case: build, train W warm-up and N timed steps, then the time breakdown (and
+on the GPU one profiled step for the GPU's idle time).
 
 A step is the trainer's (megatron_emo.training.loop): megatron-core's forward/backward schedule
 over the step's micro-batches, the loss reduced on the host, the optimizer (megatron-core's with
@@ -20,12 +21,13 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_
 
 from megatron_emo import logs
 from megatron_emo.benchmark.cases import Case, init_weights
-from megatron_emo.benchmark.timeline import Timeline, instrument
+from megatron_emo.benchmark.timeline import Timeline, gpu_time, instrument
+from megatron_emo.model.document_batch import DocumentBatch
 from megatron_emo.parallel.grads import finalize_cpu_grads
 from megatron_emo.recipes import RunConfig
 from megatron_emo.training.distributed import Runtime
 from megatron_emo.training.flops import forward_flops_per_token, peak_tflops
-from megatron_emo.training.loop import forward_backward_step, mean_loss, wrap_for_gpu, forward_step
+from megatron_emo.training.loop import forward_backward_step, mean_loss, wrap_for_gpu
 from megatron_emo.training.optimizer import cpu_stepper, gpu_stepper
 
 
@@ -47,6 +49,10 @@ def _sync(runtime: Runtime) -> None:
         torch.cuda.synchronize()
 
 
+def _error(name: str, error: Exception) -> dict:
+    return {f"{name}_error": f"{type(error).__name__}: {error}", f"{name}_traceback": traceback.format_exc()}
+
+
 def _measure(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_size: int, eos_id: int,
              warmup: int, steps: int, profile_steps: int, progress) -> dict:
     model, config = case.build(run, vocab_size, eos_id, runtime.on_gpu)
@@ -66,13 +72,12 @@ def _measure(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_siz
     data = run.data
     num_microbatches = data.global_batch_size // (data.micro_batch_size * runtime.data_parallel_size)
     forward_backward = get_forward_backward_func()
-    seed = getattr(config, "emo_routing_seed", 0)
-    step_function = functools.partial(forward_step, eos_id, seed)
+    documents_of = functools.partial(DocumentBatch.of, eos_token_id=eos_id, seed=getattr(config, "emo_routing_seed", 0))
     losses = []
 
     def train_step(step: int, timeline: Timeline | None = None) -> None:
-        outputs = forward_backward_step(step, model, stepper, forward_backward, step_function, dataset, run,
-                                    runtime, num_microbatches)
+        outputs = forward_backward_step(step, model, stepper, forward_backward, dataset, run, runtime,
+                                        num_microbatches, documents_of)
         losses.append(mean_loss(outputs, runtime))
         with timeline.span("optimizer") if timeline else contextlib.nullcontext():
             _, applied = stepper.step()
@@ -97,17 +102,26 @@ def _measure(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_siz
         progress(f"{steps} timed steps: {elapsed:.2f} s")
         result = {"num_params": num_params, "step_times_s": step_times, "timed_s": elapsed,
                   "losses": losses[:], "flops": flop_count(config, run, vocab_size)}
+        last = warmup + steps + profile_steps - 1
         try:
             timeline = Timeline(runtime.on_gpu)
             with instrument(model, timeline):
-                for step in range(warmup + steps, warmup + steps + profile_steps):
+                for step in range(warmup + steps, last + 1):
                     with timeline.step():
                         train_step(step, timeline)
             if profile_steps:
                 result["breakdown_ms"] = timeline.milliseconds_per_step()
+                result["breakdown_step_ms"] = timeline.step_milliseconds()
         except Exception as error:  # the throughput stands without the breakdown
-            result["breakdown_error"] = f"{type(error).__name__}: {error}"
-            result["breakdown_traceback"] = traceback.format_exc()
+            result.update(_error("breakdown", error))
+        if profile_steps and runtime.on_gpu:
+            try:
+                # Hooked as the breakdown's steps (their marks dropped), on the last one's batch:
+                # the data holds no more steps.
+                with instrument(model, Timeline(on_gpu=True)):
+                    result.update(gpu_time(functools.partial(train_step, last)))
+            except Exception as error:
+                result.update(_error("gpu_idle", error))
     if runtime.on_gpu:
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -121,7 +135,9 @@ def run_case(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_siz
     Returns:
         the case's record: ``status`` (``ok`` or ``failed``, with the error), and for ``ok`` the
         throughput (``tokens_per_s_per_gpu``, ``tflops_per_gpu``, ``mfu``), FLOPs, memory,
-        step times, the per-component breakdown and the kernel paths that ran.
+        step times, the per-component breakdown (``breakdown_ms``, adding up to
+        ``breakdown_step_ms``; on the GPU ``gpu_busy_ms`` and ``gpu_idle_ms`` apart) and the
+        kernel paths that ran.
     """
     record = {"case": case.name, "description": case.description, **case.info}
     # Kernel paths are logged once per process: forget them so this case logs its own.
@@ -172,7 +188,7 @@ def throughput(result: dict, run: RunConfig, runtime: Runtime) -> dict:
     per_token, per_token_causal = (result["flops"][key] for key in
                                    ("training_per_token", "training_per_token_causal_attention"))
     peak = peak_tflops(runtime.device)
-    out = {
+    return {
         **result,
         "tokens_per_s_per_gpu": tokens_per_s,
         "step_time_median_s": statistics.median(result["step_times_s"]),
@@ -181,6 +197,3 @@ def throughput(result: dict, run: RunConfig, runtime: Runtime) -> dict:
         "mfu": per_token * tokens_per_s / 1e12 / peak if peak else None,
         "mfu_causal_attention": per_token_causal * tokens_per_s / 1e12 / peak if peak else None,
     }
-    if "breakdown_ms" in result:
-        out["breakdown_step_ms"] = sum(result["breakdown_ms"].values())
-    return out

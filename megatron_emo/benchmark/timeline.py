@@ -1,34 +1,65 @@
 """Where a training step's time goes, by component, from marks at module boundaries.
 
 Marks are taken when a component's forward starts and ends (forward hooks), when its backward
-starts and ends (full backward hooks), and around the optimizer step: CUDA events on the GPU
-(GPU time between launches, idle gaps included), the host clock on the CPU (where every op is
-synchronous). The time between two consecutive marks belongs to the innermost component open at
-the first of them. Inside an MoE layer but outside its router and experts, the time is
-``dispatch`` before the routed experts run and ``combine`` after them in the forward, the
-reverse in the backward (the combine's gradient comes first). Everything else (embeddings,
-norms, residuals, the loss, data, gradient bookkeeping) is ``other``.
+starts and ends (full backward hooks, or gradient hooks where those do not fit), and around the
+optimizer step: CUDA events on the GPU (GPU time between launches, idle gaps included), the host
+clock on the CPU (where every op is synchronous). The time between two consecutive marks belongs
+to the innermost component open at the first of them. The components:
 
-The hooks add a little work, so the breakdown comes from steps of their own, after the timed ones.
+- ``embedding``: GPTModel's embedding, forward, and backward until its weight's gradient is
+  accumulated (into megatron-core DDP's ``main_grad`` on the GPU; with tied embeddings, the one
+  accumulation of both gradients): token ids need no gradient, so none marks its end;
+- ``rotary``: GPTModel's rotary table (megatron-core caches it: little after the first step);
+  applying it is attention's;
+- ``attention``: each layer's self-attention;
+- ``norms``: every RMSNorm, each layer's two and the final one, forward and backward;
+- ``router``, ``experts`` (a dense model's MLP too), ``shared_expert``; inside an MoE layer but
+  outside those, ``dispatch`` before the routed experts run and ``combine`` after them in the
+  forward, the reverse in the backward (the combine's gradient comes first);
+- ``lm_head``: the output layer's forward matmul and both backward ones, from the logits'
+  gradient to its input's gradient (see :func:`_lm_head_hooks`);
+- ``loss``: from the LM head's output to the logits' gradient: the cross-entropy, the loss's
+  reduction and scaling, and their backward (and on a pipeline's last stage whatever it does
+  between a micro-batch's forward and backward);
+- ``optimizer``: the optimizer step;
+- ``other``: the rest: residual adds, data, the schedule's host work, gradient bookkeeping
+  (finalisation and reductions).
+
+The hooks add a little work, so the breakdown comes from steps of their own, after the timed
+ones. Idle GPU time lies inside those components' intervals (a launch gap belongs to whatever
+the host was running), so it is measured apart, from one more step under torch.profiler
+(:func:`gpu_time`).
 """
 
 import contextlib
+import json
+import math
+import tempfile
 import time
+from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-COMPONENTS = ("attention", "router", "dispatch", "experts", "shared_expert", "combine", "lm_head", "optimizer", "other")
-"""Reported components; a dense model's MLP counts as ``experts``."""
+from megatron_emo.model.norm import RMSNorm
+
+COMPONENTS = ("embedding", "rotary", "attention", "norms", "router", "dispatch", "experts", "shared_expert",
+              "combine", "lm_head", "loss", "optimizer", "other")
+"""Reported components, in the order a step reaches them."""
 
 MOE = "moe"
 """Label of an MoE layer: a container whose own time is dispatch or combine."""
 
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+"""Categories of the GPU's own work in a profiler trace (not runtime calls, syncs, annotations)."""
+
 
 def component_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(label, module) of every timed module: per layer its attention, and its MoE layer with
-    router, routed experts and shared experts (or its dense MLP); the LM head."""
+    """(label, module) of every timed module: the embedding and rotary table; per layer its
+    attention, and its MoE layer with router, routed experts and shared experts (or its dense
+    MLP); every RMSNorm; the LM head."""
     found = []
     for module in model.modules():
         if isinstance(module, TransformerLayer):
@@ -40,8 +71,15 @@ def component_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module
                     found.append(("shared_expert", mlp.shared_experts))
             else:
                 found.append(("experts", mlp))
-        elif isinstance(module, GPTModel) and module.post_process:
-            found.append(("lm_head", module.output_layer))
+        elif isinstance(module, RMSNorm):
+            found.append(("norms", module))
+        elif isinstance(module, GPTModel):
+            if module.pre_process:
+                found.append(("embedding", module.embedding))
+            if getattr(module, "rotary_pos_emb", None) is not None:
+                found.append(("rotary", module.rotary_pos_emb))
+            if module.post_process:
+                found.append(("lm_head", module.output_layer))
     return found
 
 
@@ -51,9 +89,9 @@ class Timeline:
     def __init__(self, on_gpu: bool):
         self.on_gpu = on_gpu
         self.marks = []  # (clock, label of the interval starting here); None ends a step
+        self.spans = []  # (first clock, last clock) of each step
         self.open = []  # innermost last: [label, routed experts done (MoE layers only)]
         self.backward = False
-        self.steps = 0
 
     def _clock(self):
         if not self.on_gpu:
@@ -64,6 +102,9 @@ class Timeline:
 
     def _mark(self, label) -> None:
         self.marks.append((self._clock(), label))
+
+    def _milliseconds(self, start, end) -> float:
+        return start.elapsed_time(end) if self.on_gpu else (end - start) * 1e3
 
     def current(self) -> str:
         if not self.open:
@@ -100,11 +141,12 @@ class Timeline:
         """One instrumented training step."""
         self.open.clear()
         self._mark("other")
+        first = self.marks[-1][0]
         try:
             yield
         finally:
             self._mark(None)
-            self.steps += 1
+            self.spans.append((first, self.marks[-1][0]))
 
     def milliseconds_per_step(self) -> dict[str, float]:
         """Mean time per instrumented step of every component, in ms."""
@@ -112,39 +154,76 @@ class Timeline:
             torch.cuda.synchronize()
         totals = dict.fromkeys(COMPONENTS, 0.0)
         for (start, label), (end, _) in zip(self.marks, self.marks[1:]):
-            if label is None:
-                continue  # between steps
-            elapsed = start.elapsed_time(end) if self.on_gpu else (end - start) * 1e3
-            totals[label] += elapsed
-        return {name: value / max(self.steps, 1) for name, value in totals.items()}
+            if label is not None:  # None: between steps
+                totals[label] += self._milliseconds(start, end)
+        return {name: value / max(len(self.spans), 1) for name, value in totals.items()}
+
+    def step_milliseconds(self) -> float:
+        """Mean length of an instrumented step from its first mark to its last, in ms: what the
+        components add up to."""
+        if self.on_gpu:
+            torch.cuda.synchronize()
+        return sum(self._milliseconds(*span) for span in self.spans) / max(len(self.spans), 1)
 
 
-def _module_hooks(module: torch.nn.Module, label: str, timeline: Timeline) -> list:
-    """Marks from forward hooks and full backward hooks (backward ends once the gradients of
-    all the module's inputs are done, whoever else consumes those inputs)."""
-    return [
+def _module_hooks(module: torch.nn.Module, label: str, timeline: Timeline,
+                  weight: torch.nn.Parameter | None = None) -> list:
+    """Marks from forward hooks and full backward hooks: the backward ends once the gradients of
+    all the module's inputs are done or, given ``weight``, once that weight's gradient is
+    accumulated (for a module whose inputs need no gradient, whose full backward hook fires
+    before its backward runs)."""
+    handles = [
         module.register_forward_pre_hook(lambda m, args: timeline.enter(label, backward=False)),
         module.register_forward_hook(lambda m, args, out: timeline.exit(label)),
         module.register_full_backward_pre_hook(lambda m, grad: timeline.enter(label, backward=True)),
-        module.register_full_backward_hook(lambda m, grad_in, grad_out: timeline.exit(label)),
     ]
+    if weight is None:
+        handles.append(module.register_full_backward_hook(lambda m, grad_in, grad_out: timeline.exit(label)))
+    else:
+        handles.append(_AccumulationHook(weight, lambda: timeline.exit(label)))
+    return handles
 
 
-def _tensor_hooks(module: torch.nn.Module, label: str, timeline: Timeline) -> list:
-    """Marks from forward hooks, with backward marks from gradient hooks on the module's output
-    and first input: for the LM head, whose logits megatron-core's cross-entropy modifies in
-    place, which full backward hooks refuse; its input feeds nothing else."""
+class _AccumulationHook:
+    """Calls ``hook`` once ``param``'s gradient is accumulated, from a hook on its accumulator
+    node. megatron-core's DDP hooks the same node, earlier, to add the gradient into
+    ``main_grad``, so this runs after that. The node is held while hooked: autograd keeps
+    only a weak reference and would rebuild it, unhooked, at a later forward."""
+
+    def __init__(self, param: torch.nn.Parameter, hook: Callable[[], None]):
+        self.node = param.expand_as(param).grad_fn.next_functions[0][0]
+        self.handle = self.node.register_hook(lambda grad_inputs, grad_outputs: hook())
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _lm_head_hooks(module: torch.nn.Module, timeline: Timeline) -> list:
+    """Marks of the LM head and the loss from forward hooks and gradient hooks on the logits and
+    the LM head's input (megatron-core's cross-entropy modifies the logits in place, which full
+    backward hooks refuse). The logits' gradient ends ``loss`` and starts the LM head's
+    backward; its input's gradient ends it. Both backward matmuls lie between: megatron-core's
+    linear computes the input's and the weight's gradient in one autograd node, and autograd
+    accumulates the weight's gradient (megatron-core's DDP hook, which adds it into
+    ``main_grad``, included) before it runs the node that the input's gradient hook precedes.
+    With tied embeddings that accumulation waits for the embedding's gradient, and is the
+    embedding's."""
 
     def before(m, args):
-        timeline.enter(label, backward=False)
+        timeline.enter("lm_head", backward=False)
         if args[0].requires_grad:
-            args[0].register_hook(lambda grad: timeline.exit(label))
+            args[0].register_hook(lambda grad: timeline.exit("lm_head"))
 
     def after(m, args, output):
-        timeline.exit(label)
-        first = output[0] if isinstance(output, tuple) else output
-        if first.requires_grad:
-            first.register_hook(lambda grad: timeline.enter(label, backward=True))
+        timeline.exit("lm_head")
+        logits = output[0] if isinstance(output, tuple) else output
+        if logits.requires_grad:
+            timeline.enter("loss", backward=False)
+            logits.register_hook(logits_gradient)
+
+    def logits_gradient(grad):
+        timeline.exit("loss")
+        timeline.enter("lm_head", backward=True)
 
     return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
 
@@ -154,10 +233,63 @@ def instrument(model: torch.nn.Module, timeline: Timeline):
     """Hooks on the components of ``model`` that mark ``timeline``, removed on exit."""
     handles = []
     for label, module in component_modules(model):
-        hooks = _tensor_hooks if label == "lm_head" else _module_hooks
-        handles += hooks(module, label, timeline)
+        if label == "lm_head":
+            handles += _lm_head_hooks(module, timeline)
+        elif label == "embedding":
+            handles += _module_hooks(module, label, timeline, weight=module.word_embeddings.weight)
+        else:
+            handles += _module_hooks(module, label, timeline)
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def union_length(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of ``intervals``, (start, end) pairs."""
+    length, reached = 0.0, -math.inf
+    for first, last in sorted(intervals):
+        first = max(first, reached)
+        if last > first:
+            length += last - first
+            reached = last
+    return length
+
+
+def gpu_time(run_step: Callable[[], None]) -> dict[str, float]:
+    """The GPU's busy and idle time in ``run_step`` (one step), from a torch.profiler trace of
+    the GPU's activity (see :func:`busy_and_idle`).
+
+    The step's span on the GPU runs from a marker kernel launched as the step starts, with
+    nothing queued before it, to one launched once the step has returned and its work is done:
+    the step's wall time as the host sees it. The host's ops are not traced: that would slow
+    them, and the GPU would wait for them more than in unprofiled steps. Tracing the GPU's
+    activity still slows each launch a little, so where the host is the bottleneck the idle time
+    reads somewhat high: ``gpu_busy_ms + gpu_idle_ms`` against the instrumented steps'
+    ``breakdown_step_ms`` shows by how much.
+    """
+    marker = torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        marker.zero_()
+        run_step()
+        torch.cuda.synchronize()
+        marker.zero_()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "trace.json"
+        profiler.export_chrome_trace(str(path))
+        return busy_and_idle(json.loads(path.read_text())["traceEvents"])
+
+
+def busy_and_idle(events: list[dict]) -> dict[str, float]:
+    """From a profiler trace's events (Chrome trace format, times in µs) of one step, in ms:
+    ``gpu_busy_ms``, the union of the GPU's kernels, copies and memsets, every stream together,
+    and ``gpu_idle_ms``, the rest of their span, from the first one's start to the last one's end."""
+    work = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in GPU_WORK]
+    if not work:
+        raise RuntimeError("the profiler recorded no GPU work (no CUDA activity tracing here?)")
+    span = max(last for _, last in work) - min(first for first, _ in work)
+    busy = union_length(work)
+    return {"gpu_busy_ms": busy / 1e3, "gpu_idle_ms": (span - busy) / 1e3}

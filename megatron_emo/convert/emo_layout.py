@@ -1,8 +1,7 @@
 """EMO's own Hugging Face layout (allenai's ``EmoForCausalLM``, remote code) ↔ our Qwen2-MoE export.
 
 For users of the EMO model card, whose modeling code loads with ``trust_remote_code``. The
-layout differs from Qwen2-MoE only in names and in where the shared experts live (see
-``emo_method.md`` §4): the norms are ``pre_attention_layernorm`` / ``pre_feedforward_layernorm``;
+layout differs from Qwen2-MoE only in names and in where the shared experts live: the norms are ``pre_attention_layernorm`` / ``pre_feedforward_layernorm``;
 the shared experts are the last experts of ``mlp.experts`` (weight 1.0, no gate), after the
 routed ones, and ``mlp.gate.weight`` has a row for each of them that routing never uses (written
 as zeros). Our shared MLP of width ``n_shared * F`` splits exactly into ``n_shared`` experts of

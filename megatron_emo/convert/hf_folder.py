@@ -153,6 +153,19 @@ def save_hf_model(
     generation_config(hf_config, tokenizer_vocab_size=tokenizer_vocab_size).save_pretrained(output_dir)
 
 
+def check_hf_folder(hf_dir: os.PathLike) -> Path:
+    """``hf_dir`` as a Path if it is a folder with a config.json, else FileNotFoundError. Checked
+    before transformers sees the name: it takes any other name for a Hub repo id (and, offline,
+    retries the Hub for half a minute), and this project loads local exports only."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.exists():
+        raise FileNotFoundError(f"Hugging Face folder {hf_dir} does not exist")
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{hf_dir} is not a Hugging Face folder (no config.json): export one with "
+                                "tools/convert_to_hf.py")
+    return hf_dir
+
+
 def read_hf_weights(hf_dir: os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of an HF folder (single file or sharded with an index); clear errors for a
     missing shard or a tensor the index names but no shard holds."""

@@ -19,6 +19,7 @@ over the kept logits), which :func:`restricted_routing` reproduces on the full m
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from megatron_emo.analysis.usage import document_rows
 from megatron_emo.convert import hf_folder
@@ -34,6 +36,8 @@ from megatron_emo.convert.qwen2_moe import ConversionError
 METHODS = ("usage", "hits", "random")
 METADATA = "pruning_metadata.json"
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+
+logger = logging.getLogger(__name__)
 
 
 def _gates(model) -> list:
@@ -82,8 +86,10 @@ def layer_statistics(model, batches: Iterable[torch.Tensor], layer: int, kept: d
     return mean / max(tokens, 1), hits, tokens
 
 
-def select_experts(model, batches: list[torch.Tensor], keep: int, method: str, seed: int = 0) -> list[list[int]]:
-    """The kept routed experts of every layer (ascending), by ``method`` (see the module docs)."""
+def select_experts(model, batches: list[torch.Tensor], keep: int, method: str, seed: int = 0, *,
+                   progress: bool = False) -> list[list[int]]:
+    """The kept routed experts of every layer (ascending), by ``method`` (see the module docs).
+    ``usage`` and ``hits`` log a line per layer, and with ``progress`` show a bar over the rows."""
     num_experts, topk = model.config.num_experts, model.config.num_experts_per_tok
     if method not in METHODS:
         raise ValueError(f"method {method!r} is unknown: use one of {METHODS}")
@@ -98,7 +104,9 @@ def select_experts(model, batches: list[torch.Tensor], keep: int, method: str, s
         return [sorted(torch.randperm(num_experts, generator=generator)[:keep].tolist()) for _ in range(num_layers)]
     kept: dict[int, list[int]] = {}
     for layer in range(num_layers):
-        mean, hits, _ = layer_statistics(model, batches, layer, kept)
+        logger.info("selecting the experts of layer %d of %d over %d rows", layer, num_layers, len(batches))
+        rows = tqdm(batches, desc=f"layer {layer}", unit="row", leave=False, disable=not progress)
+        mean, hits, _ = layer_statistics(model, rows, layer, kept)
         # Ties to the lower expert index (stable), as the router's pool choice.
         score = hits if method == "hits" else mean
         order = torch.sort(score, descending=True, stable=True).indices

@@ -25,7 +25,7 @@ expert. What is exact and what is not:
   row), and it is the convention of Megatron and of EMO's released models. The padded rows are
   ids the tokenizer never produces; :func:`generation_config` suppresses them in generation.
 
-Layouts undone (see ``ecosystem.md`` §2.3–2.4):
+Layouts undone (megatron-core's fused tensors against Hugging Face's separate ones):
 
 - ``linear_qkv.weight`` ``[(nq + 2·ng)·d, h]`` is interleaved per query group:
   ``[q heads of group 0, k_0, v_0, q heads of group 1, k_1, v_1, ...]``; it is viewed as

@@ -21,9 +21,14 @@ class Tokenizer:
         if not model_file.is_file():
             raise FileNotFoundError(f"tokenizer model {model_file} does not exist")
         self.model_file = model_file
-        self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except RuntimeError as error:  # how sentencepiece reports a file it cannot load as a model
+            raise _unusable(f"tokenizer model {model_file} is not a SentencePiece model ({error}): give a "
+                            "SentencePiece .model file, as tools/train_tokenizer.py writes") from error
         if self._sp.eos_id() < 0:
-            raise ValueError(f"tokenizer {model_file} has no EOS token; EMO needs one")
+            raise _unusable(f"tokenizer {model_file} has no EOS token; EMO needs one to separate documents "
+                            "(tools/train_tokenizer.py trains tokenizers with one)")
 
     @property
     def vocab_size(self) -> int:
@@ -55,6 +60,15 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode(list(ids))
+
+
+def _unusable(message: str) -> Exception:
+    """A DatasetError, which every command line that reads a tokenizer reports as bad input.
+    Imported here, on failure only: megatron_emo.data.indexed imports megatron-core, which takes
+    seconds to import and which tools/train_tokenizer.py never needs."""
+    from megatron_emo.data.indexed import DatasetError
+
+    return DatasetError(message)
 
 
 def train_tokenizer(documents: list[str], model_file: str | os.PathLike, vocab_size: int) -> Tokenizer:

@@ -1,11 +1,11 @@
-"""Core attention on ``scaled_dot_product_attention``, causal within each document.
+"""Core attention, causal within each document of the micro-batch.
 
 megatron-core's local ``DotProductAttention`` materialises the scores itself and builds its mask
-on ``"cuda"``; this one takes the layer's document ids (passed as the attention mask, see
-:mod:`megatron_emo.model.layer`) and lets SDPA pick its kernel.
-
-Attention documents end *at and including* their EOS, while router segments start at it (the
-reference convention), so the attention ids are the router ids shifted one position right.
+on ``"cuda"``; this one takes the micro-batch's :class:`~megatron_emo.model.document_batch.
+DocumentBatch` (megatron-core's ``packed_seq_params``, built once per micro-batch) and runs
+:func:`megatron_emo.kernels.attention.document_attention`: the variable-length flash kernel on
+GPU, its PyTorch reference on CPU. Without documents (``packed_seq_params=None``) attention is
+causal over the whole row.
 """
 
 from typing import Optional
@@ -14,24 +14,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-
-def attention_ids(document_ids: torch.Tensor) -> torch.Tensor:
-    """Attention document of every position: the router ids ``[b, s]`` shifted one right, so an
-    EOS closes its document."""
-    return torch.cat([document_ids[:, :1], document_ids[:, :-1]], dim=1)
-
-
-def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """bool ``[b, 1, s, s]``: query i sees key j iff j <= i and both are in one document.
-
-    Args:
-        document_ids: int ``[b, s]`` router segment ids (a segment starts at its EOS).
-    """
-    ids = attention_ids(document_ids)
-    same_document = ids[:, :, None] == ids[:, None, :]
-    seq_len = document_ids.shape[1]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=document_ids.device).tril()
-    return (same_document & causal)[:, None]
+from megatron_emo.kernels.attention import document_attention
 
 
 class DocumentCausalAttention(MegatronModule):
@@ -64,21 +47,17 @@ class DocumentCausalAttention(MegatronModule):
         attention_bias=None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        """``query [s, b, n, d]``, ``key``/``value [s, b, g, d]``, ``attention_mask`` the document
-        ids ``[b, s]`` (None: plain causal) → ``[s, b, n*d]``."""
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("attention bias and packed sequences are not supported")
+        """``query [s, b, n, d]``, ``key``/``value [s, b, g, d]``, ``packed_seq_params`` the
+        micro-batch's DocumentBatch (None: causal over whole rows) → ``[s, b, n*d]``."""
+        if attention_mask is not None or attention_bias is not None:
+            raise NotImplementedError("attention masks and biases are not supported: documents come as a DocumentBatch")
+        if self.training and self.dropout:
+            raise NotImplementedError("attention dropout is not supported (the flash kernel has none)")
+        if packed_seq_params is not None:
+            return document_attention(query, key, value, packed_seq_params.cu_seqlens_q,
+                                      packed_seq_params.longest_document, scale=self.softmax_scale)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        mask = None if attention_mask is None else document_causal_mask(attention_mask)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=self.softmax_scale,
-            enable_gqa=k.shape[1] != q.shape[1],
-        )
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                             enable_gqa=k.shape[1] != q.shape[1])
         seq_len, batch = query.shape[:2]
         return out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1)

@@ -1,17 +1,18 @@
-"""megatron-core's TransformerLayer, with the document ids handed to the MoE layer.
+"""megatron-core's TransformerLayer, with the micro-batch's documents handed to the MoE layer.
 
-megatron-core gives the MLP only hidden states, but EMO's router needs the documents. The
-document ids ``[b, s]`` travel through ``GPTModel.forward`` as its ``attention_mask`` (our core
-attention reads them as document-causal masking); this layer passes the same tensor to the MLP.
+The documents (a :class:`~megatron_emo.model.document_batch.DocumentBatch`) reach every layer as
+megatron-core's ``packed_seq_params``, which it passes to core attention only. The one argument
+megatron-core 0.16.1 passes from ``TransformerLayer.forward`` to the MLP is ``padding_mask``
+(in ``_forward_mlp``, whether the MLP is recomputed or not), so this layer puts the
+DocumentBatch there; megatron-core's forward runs unchanged, with every option it honours.
+tests/model/test_layer.py fails the day megatron-core stops passing ``padding_mask`` through.
 """
 
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 
 class EmoTransformerLayer(TransformerLayer):
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
-        hidden_states, context = self._forward_attention(hidden_states, attention_mask, **kwargs)
-        residual = hidden_states
-        mlp_input = self._forward_pre_mlp_layernorm(hidden_states)
-        mlp_output_with_bias = self.mlp(mlp_input, document_ids=attention_mask)
-        return self._forward_post_mlp(mlp_output_with_bias, residual), context
+    def forward(self, *args, packed_seq_params=None, padding_mask=None, **kwargs):
+        if padding_mask is not None:
+            raise NotImplementedError("padding masks are not supported: documents come as a DocumentBatch")
+        return super().forward(*args, packed_seq_params=packed_seq_params, padding_mask=packed_seq_params, **kwargs)

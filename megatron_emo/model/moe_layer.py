@@ -17,6 +17,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_emo.config import EmoConfig
 from megatron_emo.kernels.permutation import permute, unpermute
+from megatron_emo.model.document_batch import DocumentBatch
 from megatron_emo.experts.routed import RoutedExperts
 from megatron_emo.parallel import dispatch as expert_parallel
 from megatron_emo.parallel.layout import expert_layout
@@ -56,10 +57,11 @@ class EmoMoELayer(MegatronModule):
     def set_layer_number(self, layer_number: int) -> None:
         self.router.set_layer_number(layer_number)
 
-    def forward(self, hidden_states: torch.Tensor, document_ids: torch.Tensor):
-        """``hidden_states [s, b, h]`` (``[s/TP, b, h]`` under sequence parallelism), ``document_ids
-        [b, s]`` → ``(output shaped as hidden_states, None)``."""
-        weights, indices = self.router(hidden_states, document_ids)
+    def forward(self, hidden_states: torch.Tensor, padding_mask: DocumentBatch):
+        """``hidden_states [s, b, h]`` (``[s/TP, b, h]`` under sequence parallelism) and the
+        micro-batch's documents (megatron-core's ``padding_mask`` slot, see
+        :mod:`megatron_emo.model.layer`) → ``(output shaped as hidden_states, None)``."""
+        weights, indices = self.router(hidden_states, padding_mask.document_ids)
         rows, group_sizes, plan = self.dispatch(hidden_states, indices)
         expert_rows = self.experts(rows, group_sizes)
         output = self.combine(expert_rows, weights, plan)

@@ -42,7 +42,9 @@ class DocumentPooledRouter(MegatronModule):
             torch.empty(config.num_routed_experts, config.hidden_size, dtype=torch.float32)
         )
         if config.perform_initialization:
-            config.init_method(self.weight)
+            # EMO draws the router from a normal truncated at three standard deviations.
+            std = config.init_method_std
+            torch.nn.init.trunc_normal_(self.weight, std=std, a=-3 * std, b=3 * std)
         # Under sequence parallelism each TP rank's logits come from its own sequence shard:
         # the gradient must be summed over TP.
         self.weight.sequence_parallel = config.sequence_parallel

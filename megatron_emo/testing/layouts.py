@@ -18,6 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_emo.config import EmoConfig
+from megatron_emo.model.document_batch import DocumentBatch
 from megatron_emo.model.gpt import build_model_chunks
 from megatron_emo.parallel.grads import finalize_cpu_grads
 from megatron_emo.parallel.sharded_state import full_tensors, load_full_weights
@@ -67,7 +68,9 @@ def _batches(tokens: torch.Tensor, micro_batch_size: int, step: int):
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     for index in microbatch_samples(tokens.shape[0], micro_batch_size, dp_rank, dp_size):
-        yield rows[index], labels[index], torch.ones(len(index), rows.shape[1]), index + step * tokens.shape[0]
+        sample_index = index + step * tokens.shape[0]
+        documents = DocumentBatch.of(rows[index], EOS, seed=ROUTING_SEED, step=step, sample_index=sample_index)
+        yield (rows[index], labels[index], torch.ones(len(index), rows.shape[1]), documents), sample_index
 
 
 def _record_routes(model, routes: dict, sample_index: list):
@@ -119,8 +122,8 @@ def _train(config, runtime, micro_batch_size, tokens, weights, steps):
     num_microbatches = tokens.shape[0] // (micro_batch_size * runtime.data_parallel_size)
 
     def batches(step):
-        for batch in _batches(tokens, micro_batch_size, step):
-            sample_index[0] = batch[3]
+        for batch, index in _batches(tokens, micro_batch_size, step):
+            sample_index[0] = index
             yield batch
 
     for step in range(steps):
@@ -129,7 +132,7 @@ def _train(config, runtime, micro_batch_size, tokens, weights, steps):
         stepper.zero_grad()
         iterators = [batches(step) for _ in model]
         outputs = get_forward_backward_func()(
-            forward_step_func=functools.partial(forward_step, EOS, ROUTING_SEED, step),
+            forward_step_func=forward_step,
             data_iterator=iterators if len(model) > 1 else iterators[0],
             model=model,
             num_microbatches=num_microbatches,

@@ -23,6 +23,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_emo.parallel.shards import chunks_of
 from megatron_emo.parallel.sharded_state import parameters_by_name, sharded_tensors
+from megatron_emo.training.optimizer import fuse_torch_adam, optimizer_parts, torch_adams
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,6 @@ def _cpu_optimizer_state(model, optimizer: torch.optim.Optimizer, is_loading: bo
     }
 
 
-def _optimizer_parts(optimizer) -> list:
-    """The distributed optimizers of a megatron-core optimizer (dense and expert parameters
-    have one each)."""
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 def _with_torch_adam_state(optimizer) -> None:
     """Give every parameter of megatron-core's optimizer its Adam state before a save or load.
 
@@ -83,20 +78,19 @@ def _with_torch_adam_state(optimizer) -> None:
     that has not stepped yet (a run stopped at its first step, or one about to load) gets zero
     moments and step 0 — what it would hold anyway.
     """
-    for part in _optimizer_parts(optimizer):
-        inner = part.optimizer
-        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+    for part in optimizer_parts(optimizer):
+        if part.optimizer not in torch_adams(optimizer):
             continue  # TransformerEngine/apex FusedAdam: step lives in the param groups
-        part.init_state_fn(inner, part.config)
-        for state in inner.state.values():
-            state.setdefault("step", torch.tensor(0.0))
+        part.init_state_fn(part.optimizer, part.config)
+        for param, state in part.optimizer.state.items():
+            state.setdefault("step", torch.zeros((), device=param.device))  # where the fused kernel keeps it
 
 
 def _load_gpu_optimizer(optimizer, state) -> None:
     """megatron-core's ``load_state_dict`` with its per-parameter state loaded separately:
     0.16.1 copies every key of a parameter's state into it, and torch Adam's ``step`` is not
     among the loaded tensors (its value comes with the param groups)."""
-    parts = _optimizer_parts(optimizer)
+    parts = optimizer_parts(optimizer)
     states = [state] if len(parts) == 1 else [value for _, value in sorted(state.items())]
     for part, part_state in zip(parts, states):
         param_state = part_state.pop("param_state")
@@ -106,6 +100,7 @@ def _load_gpu_optimizer(optimizer, state) -> None:
         for param, step in steps.items():
             if step is not None:
                 part.optimizer.state[param]["step"] = step
+    fuse_torch_adam(optimizer)
 
 
 def _rng_state() -> dict:

@@ -63,7 +63,7 @@ def evaluate(model, config, datasets, *, forward_backward, forward_step, run, ru
         for name, pool in pools_to_evaluate(config).items():
             with eval_pool(config, pool), torch.no_grad():
                 losses = forward_backward(
-                    forward_step_func=functools.partial(forward_step, 0),
+                    forward_step_func=forward_step,
                     data_iterator=[microbatches(dataset, num_batches) for _ in chunks] if len(chunks) > 1
                     else microbatches(dataset, num_batches),
                     model=chunks,

@@ -2,7 +2,8 @@
 
 One step reads ``global_batch_size`` samples; this data-parallel rank takes its slice and runs
 it as micro-batches through megatron-core's pipeline schedule, which scales the LM loss and the
-router losses per micro-batch. Document ids are derived from the input ids once per forward.
+router losses per micro-batch. Each micro-batch's documents (router ids, attention boundaries)
+are computed once, on the host, as a DocumentBatch that every layer reads.
 """
 
 import functools
@@ -23,10 +24,10 @@ from megatron_emo.data.demo_data import prepare_demo_data
 from megatron_emo.data.gpt_data import build_train_dataset, collate
 from megatron_emo.data.indexed import check_dataset
 from megatron_emo.data.tokenizer import Tokenizer
+from megatron_emo.model.document_batch import DocumentBatch, run_model
 from megatron_emo.model.gpt import build_model_chunks
 from megatron_emo.config import ConfigError
 from megatron_emo.recipes import RunConfig, validate_training_run
-from megatron_emo.routing.documents import document_ids
 from megatron_emo.routing.router import DocumentPooledRouter
 from megatron_emo.training.checkpoint import CheckpointSaver, load_checkpoint, load_weights
 from megatron_emo.training.cpu_mode import megatron_device
@@ -65,13 +66,16 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return total, num_tokens, {"lm_loss": torch.stack([total.detach(), num_tokens.float()])}
 
 
-def forward_step(eos_token_id: int, seed: int, step: int, data_iterator, model):
-    tokens, labels, loss_mask, sample_index = next(data_iterator)
-    docs = document_ids(tokens, eos_token_id, seed=seed, step=step, sample_index=sample_index)
-    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    # The document ids travel as the attention mask (see megatron_emo.model.layer).
-    output = model(tokens, position_ids, docs, labels=labels)
+def forward_step(data_iterator, model):
+    """megatron-core's forward step: one micro-batch (tokens, labels, loss mask, documents)."""
+    tokens, labels, loss_mask, documents = next(data_iterator)
+    output = run_model(model, tokens, documents, labels=labels)
     return output, functools.partial(_loss_func, loss_mask)
+
+
+def to_device(batch: dict, documents: DocumentBatch, device) -> tuple:
+    """A micro-batch as :func:`forward_step` reads it, on ``device``."""
+    return (*(batch[key].to(device) for key in ("tokens", "labels", "loss_mask")), documents.to(device))
 
 
 def microbatch_samples(global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int):
@@ -85,23 +89,25 @@ def microbatch_samples(global_batch_size: int, micro_batch_size: int, dp_rank: i
         yield torch.arange(first, first + micro_batch_size)
 
 
-def _microbatches(dataset, run: RunConfig, runtime: Runtime, step: int):
-    """This rank's micro-batches of the step: tokens, labels, loss mask, index in the global batch."""
+def _microbatches(dataset, run: RunConfig, runtime: Runtime, step: int, documents_of):
+    """This rank's micro-batches of the step; ``documents_of``: DocumentBatch.of with the run's
+    EOS id and routing seed."""
     data = run.data
     for sample_index in microbatch_samples(
         data.global_batch_size, data.micro_batch_size, runtime.data_parallel_rank, runtime.data_parallel_size
     ):
         batch = collate(dataset, step * data.global_batch_size + sample_index)
-        yield tuple(t.to(runtime.device) for t in (batch["tokens"], batch["labels"], batch["loss_mask"], sample_index))
+        documents = documents_of(batch["tokens"], step=step, sample_index=sample_index)
+        yield to_device(batch, documents, runtime.device)
 
 
-def _validation_batches(dataset, num_batches: int, *, run: RunConfig, runtime: Runtime):
+def _validation_batches(dataset, num_batches: int, *, run: RunConfig, runtime: Runtime, documents_of):
     """Consecutive micro-batches of a validation dataset (every rank evaluates all of them)."""
     size = run.data.micro_batch_size
     for start in range(0, num_batches * size, size):
         sample_index = torch.arange(start, start + size)
         batch = collate(dataset, sample_index)
-        yield tuple(t.to(runtime.device) for t in (batch["tokens"], batch["labels"], batch["loss_mask"], sample_index))
+        yield to_device(batch, documents_of(batch["tokens"], step=0, sample_index=sample_index), runtime.device)
 
 
 def _routers(model) -> list[DocumentPooledRouter]:
@@ -227,7 +233,7 @@ def _train(run: RunConfig) -> list[dict]:
         f"device {runtime.device}, world {runtime.world_size}"
     )
     forward_backward = get_forward_backward_func()
-    step_forward = functools.partial(forward_step, tokenizer.eos_id, config.emo_routing_seed)
+    documents_of = functools.partial(DocumentBatch.of, eos_token_id=tokenizer.eos_id, seed=config.emo_routing_seed)
     flops_per_token = training_flops_per_token(config, seq_length=data.seq_length, vocab_size=vocab_size)
     peak = peak_tflops(runtime.device)
     writer.info(f"{flops_per_token / 1e9:.3f} GFLOP per token for training (formula: "
@@ -253,8 +259,8 @@ def _train(run: RunConfig) -> list[dict]:
             saver.poll()
             started = time.perf_counter()
             lr = stepper.optimizer.param_groups[0]["lr"]
-            losses = forward_backward_step(step, model, stepper, forward_backward, step_forward, dataset, run,
-                                           runtime, num_microbatches)
+            losses = forward_backward_step(step, model, stepper, forward_backward, dataset, run, runtime,
+                                           num_microbatches, documents_of)
             loss = mean_loss(losses, runtime)
             grad_norm, applied = stepper.step() if math.isfinite(loss) else (float("nan"), False)
             if applied:
@@ -287,8 +293,9 @@ def _train(run: RunConfig) -> list[dict]:
                 writer.write(record)
             if validation and (done % run.train.eval_interval == 0 or done == run.train.steps):
                 results = evaluate(model, config, validation, forward_backward=forward_backward,
-                                   forward_step=step_forward, run=run, runtime=runtime,
-                                   microbatches=functools.partial(_validation_batches, run=run, runtime=runtime))
+                                   forward_step=forward_step, run=run, runtime=runtime,
+                                   microbatches=functools.partial(_validation_batches, run=run, runtime=runtime,
+                                                                  documents_of=documents_of))
                 writer.write_eval(done, results)
             if stop.received:
                 writer.info(f"{stop.received} received: stopping after step {done}")
@@ -307,17 +314,17 @@ def _train(run: RunConfig) -> list[dict]:
     return records
 
 
-def forward_backward_step(step, model, stepper, forward_backward, forward_step, dataset, run, runtime,
-                          num_microbatches) -> list[dict]:
+def forward_backward_step(step, model, stepper, forward_backward, dataset, run, runtime, num_microbatches,
+                          documents_of) -> list[dict]:
     """Gradients of one step's batch (this rank's micro-batches); the per-micro-batch losses.
     ``model``: a module or this rank's list of pipeline chunks (each reads the micro-batches)."""
     chunks = chunks_of(model)
     for chunk in chunks:
         chunk.train()
     stepper.zero_grad()
-    iterators = [_microbatches(dataset, run, runtime, step) for _ in chunks]
+    iterators = [_microbatches(dataset, run, runtime, step, documents_of) for _ in chunks]
     return forward_backward(
-        forward_step_func=functools.partial(forward_step, step),
+        forward_step_func=forward_step,
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks,
         num_microbatches=num_microbatches,

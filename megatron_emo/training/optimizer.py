@@ -4,6 +4,7 @@ EMO decays every parameter except the input embeddings; both paths do the same.
 """
 
 import fnmatch
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -11,10 +12,14 @@ from typing import Callable
 import torch
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_emo.logs import log_once
 from megatron_emo.parallel.grads import global_grad_norm
 from megatron_emo.parallel.shards import chunks_of
+from megatron_emo.training import multi_tensor
 
 from megatron_emo.recipes import OptimConfig
+
+logger = logging.getLogger(__name__)
 
 EMBEDDING_PARAM = "*embedding.word_embeddings.weight"
 
@@ -94,6 +99,8 @@ def gpu_stepper(model, config, optim: OptimConfig, total_steps: int) -> Stepper:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer.optimizer_config import ParamKey
 
+    multi_tensor.install()
+
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
@@ -113,6 +120,8 @@ def gpu_stepper(model, config, optim: OptimConfig, total_steps: int) -> Stepper:
         config_overrides={ParamKey(name=EMBEDDING_PARAM): {"wd_mult": 0.0}},
     )
 
+    fuse_torch_adam(optimizer)
+
     def step() -> tuple[float, bool]:
         update_successful, grad_norm, _ = optimizer.step()
         return float("nan") if grad_norm is None else float(grad_norm), bool(update_successful)
@@ -123,3 +132,32 @@ def gpu_stepper(model, config, optim: OptimConfig, total_steps: int) -> Stepper:
         optimizer.zero_grad()
 
     return Stepper(optimizer, _scheduler(optimizer, optim, total_steps), step, zero_grad)
+
+
+def optimizer_parts(optimizer) -> list:
+    """The distributed optimizers of a megatron-core optimizer (dense and expert parameters
+    have one each)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def torch_adams(optimizer) -> list:
+    """The torch Adam(W) optimizers inside megatron-core's optimizer: megatron-core 0.16.1 runs
+    torch's when neither TransformerEngine nor apex provides a FusedAdam."""
+    return [part.optimizer for part in optimizer_parts(optimizer)
+            if isinstance(part.optimizer, torch.optim.Adam | torch.optim.AdamW)]
+
+
+def fuse_torch_adam(optimizer) -> None:
+    """Run megatron-core's torch Adam on torch's fused CUDA kernel (a few launches for all
+    parameters, near memory bandwidth) instead of its default multi-tensor ``foreach`` path.
+    The fused kernel keeps step counts on the parameters' device. Called after building and
+    after loading a checkpoint, which restores the param groups' saved options."""
+    adams = torch_adams(optimizer)
+    for adam in adams:
+        for group in adam.param_groups:
+            group.update(fused=True, foreach=False)
+            for param in group["params"]:
+                state = adam.state.get(param)
+                if state and "step" in state:
+                    state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+    log_once(logger, "optimizer: path = %s", "torch fused AdamW" if adams else "megatron-core FusedAdam")

@@ -28,13 +28,13 @@ def run_summary(output_dir: Path, *, steps: int) -> list[str]:
         lines.append(f"validation loss at step {evaluation['step']}: {losses}")
     checkpoint = find_latest(output_dir / "checkpoints")
     outputs = ["metrics.jsonl", "eval.jsonl", "tensorboard"]
-    present = [name for name in outputs if (output_dir / name).exists()]
+    present = [name for name in outputs if (output_dir / name).is_dir() or _last_record(output_dir / name)]
     lines.append(f"outputs in {output_dir}: {', '.join(present)}"
                  + (f"; newest checkpoint {checkpoint}" if checkpoint else "; no checkpoint (train.save=False)"))
     if checkpoint is not None:
         lines.append(f"next: export it to Hugging Face with python tools/convert_to_hf.py --checkpoint {output_dir} "
                      f"--output {output_dir / 'hf'}")
-    if "tensorboard" in present:
-        lines.append(f"      see its curves with tensorboard --logdir {output_dir} "
-                     f"(or python tools/plot_metrics.py {output_dir})")
+    if record is not None:
+        lines.append(f"      plot its curves with python tools/plot_metrics.py {output_dir}"
+                     + (f" (or tensorboard --logdir {output_dir})" if "tensorboard" in present else ""))
     return lines

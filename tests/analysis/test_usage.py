@@ -50,3 +50,11 @@ def test_rows_sum_to_top_k_times_the_tokens():
     expected = torch.topk(torch.softmax(logits, -1), 2, dim=-1).indices.unique().numel()
     assert int(usage.distinct[0][0, 0]) == expected
     assert int(usage.distinct[1][0].max()) <= 8
+
+
+def test_a_log_line_per_domain(caplog):
+    documents = {"a": [document_rows(list(range(4, 40)), 16)], "b": [document_rows([5], 16), document_rows([5, 6], 16)]}
+    with caplog.at_level("INFO", logger="megatron_emo.analysis.usage"):
+        collect_usage(tiny_qwen2_moe(), documents, progress=True)
+    assert [record.getMessage() for record in caplog.records] == ["routing a: 1 documents, 3 rows",
+                                                                  "routing b: 1 documents, 1 rows"]

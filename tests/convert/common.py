@@ -2,16 +2,15 @@
 
 import torch
 
-from megatron_emo.routing.documents import document_ids
+from megatron_emo.model.document_batch import DocumentBatch, run_model
 
 
 def our_logits(model, tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """fp32 logits ``[b, s, V]`` of our GPTModel, called as in training (document ids derived
     from the tokens; with no EOS in ``tokens`` attention is plain causal, as HF's)."""
-    docs = document_ids(tokens, eos_token_id, seed=0, step=0, sample_index=torch.arange(tokens.shape[0]))
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    documents = DocumentBatch.of(tokens, eos_token_id, seed=0, step=0, sample_index=torch.arange(tokens.shape[0]))
     with torch.no_grad():
-        return model(tokens, positions, docs).float()
+        return run_model(model, tokens, documents).float()
 
 
 def our_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int,

@@ -1,6 +1,5 @@
 """tools/convert_to_hf.py on a checkpoint of a real (3-step) tiny training run."""
 
-import importlib.util
 import json
 import re
 import shutil
@@ -16,6 +15,7 @@ pytest.importorskip("transformers")
 from megatron_emo.convert.megatron_checkpoint import find_tokenizer, load_checkpoint_for_export  # noqa: E402
 from megatron_emo.data.tokenizer import Tokenizer  # noqa: E402
 from megatron_emo.model.gpt import build_gpt_model  # noqa: E402
+from tests.conftest import load_tool  # noqa: E402
 from tests.convert.common import hf_greedy, our_greedy, our_logits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,10 +24,7 @@ PROMPT = "def read_file(path):\n    "
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("convert_to_hf", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("convert_to_hf")
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +125,89 @@ def test_existing_output_needs_force(exported, run_dir, capsys):
     assert "--force" in capsys.readouterr().err
 
 
+def _snapshot(folder: Path) -> dict:
+    """Every file under ``folder``: its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("target", ["run", "checkpoints", "step", "inside_step"])
+def test_force_never_touches_the_checkpoint_or_its_run(run_dir, capsys, target):
+    step = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    output = {"run": run_dir, "checkpoints": run_dir / "checkpoints", "step": step, "inside_step": step / "hf"}[target]
+    before = _snapshot(run_dir)
+    assert _tool().main(["--checkpoint", str(run_dir), "--output", str(output), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: refusing --output {output}: it " in err and f"e.g. {run_dir / 'hf'}" in err, err
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("change, named", [("a user's file", "notes.txt"), ("a subfolder", "eval"),
+                                           ("no config.json", "config.json")])
+def test_force_leaves_a_folder_that_is_not_only_an_export(exported, run_dir, tmp_path, capsys, change, named):
+    output = tmp_path / "hf"
+    shutil.copytree(exported[0], output)
+    if change == "a user's file":
+        (output / named).write_text("mine")
+    elif change == "a subfolder":
+        (output / named).mkdir()
+    else:
+        (output / named).unlink()
+    before = _snapshot(output)
+    assert _tool().main(["--checkpoint", str(run_dir), "--output", str(output), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: refusing to replace {output}: " in err and named in err, err
+    assert _snapshot(output) == before
+
+
+def test_force_replaces_an_earlier_export_quietly(exported, run_dir, tmp_path):
+    output = tmp_path / "hf"
+    shutil.copytree(exported[0], output)  # sharded: the new export is one file
+    result = subprocess.run([sys.executable, str(TOOL), "--checkpoint", str(run_dir), "--output", str(output),
+                             "--force"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = {p.name for p in output.iterdir()}
+    assert "model.safetensors" in names and not any(name.startswith("model-") for name in names)
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary or earlier export left beside it
+    for chatter in ("Megatron-FSDP", "load_state_dict", "Transformer Engine"):
+        assert chatter not in result.stderr, result.stderr
+
+
+def test_failed_export_keeps_the_earlier_one(exported, run_dir, tmp_path, capsys, monkeypatch):
+    from megatron_emo.convert import hf_folder
+    from megatron_emo.convert.qwen2_moe import ConversionError
+
+    def fail(*args, **kwargs):
+        raise ConversionError("disk full")
+
+    output = tmp_path / "hf"
+    shutil.copytree(exported[0], output)
+    before = _snapshot(output)
+    monkeypatch.setattr(hf_folder, "save_hf_model", fail)
+    assert _tool().main(["--checkpoint", str(run_dir), "--output", str(output), "--force"]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert _snapshot(output) == before and [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+def test_publish_puts_the_earlier_export_back_if_the_rename_fails(tmp_path, monkeypatch):
+    tool = _tool()
+    output, new = tmp_path / "hf", tmp_path / ".tmp-hf"
+    for folder in (output, new):
+        folder.mkdir()
+        (folder / "config.json").write_text(folder.name)
+    rename = tool.os.replace
+
+    def replace(source, target):
+        if Path(source) == new:
+            raise OSError("no space left")
+        rename(source, target)
+
+    monkeypatch.setattr(tool.os, "replace", replace)
+    with pytest.raises(OSError, match="no space left"):
+        tool._publish(new, output)
+    assert (output / "config.json").read_text() == "hf" and not list(tmp_path.glob(".old-*"))
+
+
 def test_export_reads_back_to_the_checkpoint(exported, run_dir):
     from transformers import AutoConfig
 
@@ -179,16 +259,24 @@ def test_import_back_reproduces_the_checkpoint_and_training_starts_from_it(run_d
     assert set(imported) == set(tensors)
     assert all(torch.equal(imported[k], tensors[k]) for k in tensors)
     # The printed command starts a run from those weights: its first loss is the trained model's.
+    # In a folder of its own: the parent of --output (tmp_path holds no run).
     sets = re.findall(r'--set "([^"]+)"', result.stdout)
-    assert sets[-1] == f"train.init_from={str(init)!r}"
+    assert sets[-2:] == [f"train.init_from={str(init)!r}", f"train.output_dir={str(tmp_path)!r}"]
     train = [sys.executable, "-m", "megatron_emo.train", "--recipe", "tiny",
              *(arg for s in sets for arg in ("--set", s)),
              "--set", "train.steps=1", "--set", "optim.warmup_steps=0", "--set", "train.eval_interval=0",
              "--set", "train.tensorboard=False", "--set", "data.seq_length=64",
-             "--set", f"data.cache_dir={str(run_dir.parent / 'cache')!r}",
-             "--set", f"train.output_dir={str(tmp_path / 'continued')!r}"]
+             "--set", f"data.cache_dir={str(run_dir.parent / 'cache')!r}"]
     trained = subprocess.run(train, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert trained.returncode == 0 and "started from the weights of" in trained.stderr, trained.stderr[-3000:]
+    # --force replaces a checkpoint folder it wrote, never the run folder beside it.
+    again = [sys.executable, str(FROM_HF), "--hf", str(output), "--recipe", "tiny", "--force"]
+    replaced = subprocess.run([*again, "--output", str(init)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    verify_checkpoint(init)
+    refused = subprocess.run([*again, "--output", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert refused.returncode == 2 and "not a checkpoint folder this tool wrote" in refused.stderr
+    assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "metrics.jsonl").is_file()
 
 
 def test_import_refuses_what_it_cannot_read(tmp_path):

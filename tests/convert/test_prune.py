@@ -90,3 +90,10 @@ def test_perplexity_is_exp_of_the_mean_cross_entropy(exported):
         losses = [torch.nn.functional.cross_entropy(full(input_ids=b).logits[0, :-1], b[0, 1:], reduction="sum")
                   for b in batches]
     assert count == 18 and abs(ppl - torch.exp(sum(losses) / 18).item()) < 1e-3 * ppl
+
+
+def test_a_log_line_per_layer(exported, caplog):
+    with caplog.at_level("INFO", logger="megatron_emo.convert.prune"):
+        select_experts(exported[1], _batches(), 3, "hits", progress=True)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"selecting the experts of layer {layer} of 2 over 3 rows" for layer in range(2)]

@@ -82,3 +82,39 @@ def test_megatron_attributes(demo_tokenizer, demo_data, tmp_path):
     assert Tokenizer(copy).unique_identifiers == ids
     other = train_tokenizer(python_docs()[:100], tmp_path / "other.model", vocab_size=400)
     assert other.unique_identifiers != ids
+
+
+# --- files that are not a usable tokenizer: a DatasetError, which every command line reports -----
+
+
+def test_a_file_that_is_not_sentencepiece_is_refused_by_name(tmp_path):
+    from megatron_emo.data.indexed import DatasetError
+
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"model": {"type": "BPE"}}')
+    with pytest.raises(DatasetError, match="tokenizer.json is not a SentencePiece model"):
+        Tokenizer(bad)
+
+
+def test_a_tokenizer_without_eos_is_refused_by_name(tmp_path):
+    import sentencepiece as spm
+
+    from megatron_emo.data.indexed import DatasetError
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(python_docs()[:20]), model_prefix=str(tmp_path / "no_eos"),
+                                   vocab_size=100, eos_id=-1, minloglevel=2)
+    with pytest.raises(DatasetError, match="no_eos.model has no EOS token"):
+        Tokenizer(tmp_path / "no_eos.model")
+
+
+def test_train_reports_a_bad_tokenizer_in_one_line(tmp_path, capsys):
+    from megatron_emo.train import EXIT_BAD_INPUT, main
+
+    bad = tmp_path / "bad.model"
+    bad.write_text("not a tokenizer")
+    assert main(["--recipe", "tiny", "--set", f"data.tokenizer_model={str(bad)!r}",
+                 "--set", f"data.blend=[[1.0,{str(tmp_path / 'data')!r}]]",
+                 "--set", f"train.output_dir={str(tmp_path / 'run')!r}"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: tokenizer model") and "bad.model is not a SentencePiece model" in err
+    assert len(err.splitlines()) == 1

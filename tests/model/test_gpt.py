@@ -1,7 +1,7 @@
 import torch
 
 from megatron_emo.model.gpt import build_gpt_model
-from megatron_emo.routing.documents import document_ids
+from megatron_emo.model.document_batch import DocumentBatch, run_model
 from megatron_emo.routing.router import DocumentPooledRouter
 from tests.conftest import make_config as model_config
 
@@ -13,10 +13,8 @@ def _model(**overrides):
 
 
 def _forward(model, tokens, sample_index, step=0):
-    docs = document_ids(tokens, EOS, seed=7, step=step, sample_index=sample_index)
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    labels = torch.roll(tokens, -1, dims=1)
-    return model(tokens, positions, docs, labels=labels)
+    documents = DocumentBatch.of(tokens, EOS, seed=7, step=step, sample_index=sample_index)
+    return run_model(model, tokens, documents, labels=torch.roll(tokens, -1, dims=1))
 
 
 def _tokens(batch, seq):

@@ -2,7 +2,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_emo.model.moe_layer import EmoMoELayer
-from megatron_emo.routing.documents import document_ids, sample_pool_sizes, segment_index
+from megatron_emo.model.document_batch import DocumentBatch
+from megatron_emo.routing.documents import sample_pool_sizes, segment_index
 from tests.conftest import make_config as model_config
 
 EOS = 2
@@ -11,7 +12,7 @@ EOS = 2
 def _docs(batch, seq, eos_every=5):
     ids = torch.randint(4, 64, (batch, seq))
     ids[:, eos_every::eos_every] = EOS
-    return document_ids(ids, EOS, seed=1, step=3, sample_index=torch.arange(batch))
+    return DocumentBatch.of(ids, EOS, seed=1, step=3, sample_index=torch.arange(batch))
 
 
 def _swiglu(x, fc1, fc2):
@@ -38,7 +39,7 @@ def test_output_is_weighted_experts_plus_shared_expert(megatron_cpu):
     x = torch.randn(s, b, config.hidden_size)
     docs = _docs(b, s)
     out, _ = layer(x, docs)
-    weights, indices = layer.router(x, docs)
+    weights, indices = layer.router(x, docs.document_ids)
     tokens = x.reshape(-1, config.hidden_size)
     expected = torch.zeros_like(tokens)
     for t in range(tokens.shape[0]):  # explicit loop: the reference of the vectorised dispatch
@@ -58,11 +59,11 @@ def test_training_routes_inside_sampled_pools(megatron_cpu):
     x = torch.randn(s, b, config.hidden_size)
     docs = _docs(b, s, eos_every=4)
     logits = (x.reshape(-1, config.hidden_size) @ layer.router.weight.t()).view(s, b, -1)
-    _, indices = layer.router(x, docs)
+    _, indices = layer.router(x, docs.document_ids)
     indices = indices.view(s, b, -1).transpose(0, 1).reshape(b * s, -1)
     probs = logits.transpose(0, 1).reshape(b * s, -1).softmax(-1)
-    seg = segment_index(docs)
-    pools = sample_pool_sizes(docs, 2, config.emo_pool_min, config.emo_pool_max).flatten()
+    seg = segment_index(docs.document_ids)
+    pools = sample_pool_sizes(docs.document_ids, 2, config.emo_pool_min, config.emo_pool_max).flatten()
     for segment in seg.unique():
         rows = seg == segment
         pool = probs[rows].sum(0).argsort(descending=True, stable=True)[: pools[rows][0]]

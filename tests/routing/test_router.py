@@ -275,3 +275,10 @@ def test_router_on_cuda_matches_cpu():
         cuda_weights, cuda_indices = router.cuda()(x.cuda(), docs.cuda())
     assert torch.equal(cuda_indices.cpu(), indices)
     torch.testing.assert_close(cuda_weights.cpu(), weights, rtol=1e-4, atol=1e-5)
+
+
+def test_router_weight_is_a_normal_truncated_at_three_standard_deviations():
+    config = make_config(hidden_size=256, num_moe_experts=65, init_method_std=0.02)
+    weight = DocumentPooledRouter(config).weight.detach()
+    assert weight.abs().max() <= 0.06
+    assert 0.0185 < weight.std() < 0.0205  # a 3-sigma cut keeps 98.7% of the variance

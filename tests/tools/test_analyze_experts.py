@@ -1,8 +1,7 @@
 """tools/analyze_experts.py on a tiny Hugging Face folder: matrices that add up, files, errors."""
 
-import importlib.util
 import json
-from pathlib import Path
+import sys
 
 import pytest
 
@@ -11,8 +10,8 @@ pytest.importorskip("transformers")
 from megatron_emo.convert.hf_tokenizer import export_tokenizer  # noqa: E402
 from megatron_emo.data.tokenizer import train_tokenizer  # noqa: E402
 from tests.analysis.test_usage import tiny_qwen2_moe  # noqa: E402
+from tests.conftest import load_tool  # noqa: E402
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "analyze_experts.py"
 TEXTS = {
     "code": ["def f(x):\n    return x * 2\n" * 6, "import os\nprint(os.getcwd())\n" * 5],
     "prose": ["The old man walked slowly to the river and sat down. " * 5, "It rained all night. " * 9],
@@ -20,10 +19,7 @@ TEXTS = {
 
 
 def _main(argv):
-    spec = importlib.util.spec_from_file_location("analyze_experts", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_tool("analyze_experts").main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +55,20 @@ def test_bad_inputs_exit_2(hf_dir, tmp_path, capsys):
     assert "--demo-dir or --text" in capsys.readouterr().err
     assert _main(["--model", str(hf_dir), "--text", "code", "--output", str(tmp_path / "out")]) == 2
     assert "NAME=FILES" in capsys.readouterr().err
+
+
+def test_a_model_that_does_not_exist_is_named_in_one_line(tmp_path, capsys):
+    text = tmp_path / "code.py"
+    text.write_text(TEXTS["code"][0])
+    assert _main(["--model", str(tmp_path / "nosuch"), "--text", f"code={text}",
+                  "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: --model {tmp_path / 'nosuch'} does not exist\n"
+
+
+@pytest.mark.parametrize("package", ["scipy", "matplotlib"])
+def test_a_missing_package_names_the_pip_command(package, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed
+    with pytest.raises(SystemExit) as exit_info:
+        _main(["--model", "hf", "--text", "code=a.py", "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f'error: this tool needs {package}, not installed: pip install -e ".[analysis]"\n'

@@ -3,7 +3,6 @@ once on a real indexed dataset), then the pieces it is built from in this proces
 count by hand, the attribution of a step's time, the loop router, synthetic documents and the
 handling of a failing case."""
 
-import importlib.util
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from megatron_emo.data.demo_corpus import docs_documents
 from megatron_emo.data.preprocess import preprocess
 from megatron_emo.data.tokenizer import train_tokenizer
 from megatron_emo.routing import reference
+from tests.conftest import load_tool
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 CASES = ["emo", "topk", "dense", "loop-router", "mcore-moe"]
@@ -28,17 +28,6 @@ CASES = ["emo", "topk", "dense", "loop-router", "mcore-moe"]
 TINY = ["--recipe", "tiny", "--set", "model.num_layers=1", "--set", "data.seq_length=64",
         "--set", "data.global_batch_size=4", "--set", "data.micro_batch_size=2",
         "--warmup", "1", "--steps", "2", "--profile-steps", "1"]
-
-
-def _load_tool(name: str):
-    sys.path.insert(0, str(TOOLS))
-    try:
-        spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(TOOLS))
 
 
 def _start(out: Path, *args) -> subprocess.Popen:
@@ -100,12 +89,30 @@ def test_every_case_runs_and_records_the_documented_fields(runs):
 
 
 def test_time_breakdown_finds_each_component(runs):
-    records = {r["case"]: r["breakdown_ms"] for r in runs["synthetic"]["records"]}
+    records = {r["case"]: r for r in runs["synthetic"]["records"]}
+    everywhere = ("embedding", "norms", "attention", "experts", "lm_head", "loss")
+    for name, record in records.items():
+        breakdown = record["breakdown_ms"]
+        assert list(breakdown) == list(COMPONENTS), name
+        assert all(breakdown[part] > 0 for part in everywhere), name
+        # The components add up to the instrumented step; the GPU's idle time is not measured on the CPU.
+        assert sum(breakdown.values()) == pytest.approx(record["breakdown_step_ms"], rel=1e-6), name
+        assert not {"gpu_idle_ms", "gpu_busy_ms", "gpu_idle_error"} & set(record), name
     for name in ("emo", "topk", "loop-router", "mcore-moe"):
-        assert all(records[name][part] > 0 for part in COMPONENTS), name
-    dense = records["dense"]
+        assert all(records[name]["breakdown_ms"][part] > 0 for part in COMPONENTS), name
+    dense = records["dense"]["breakdown_ms"]
     assert dense["router"] == dense["dispatch"] == dense["combine"] == dense["shared_expert"] == 0.0
-    assert dense["experts"] > 0 and dense["attention"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_run_measures_the_gpus_idle_time(tmp_path):
+    result = _finish(_start(tmp_path, *TINY, "--cases", "emo,dense"), tmp_path)
+    for record in result["records"]:
+        assert record["status"] == "ok", record.get("traceback")
+        assert "breakdown_error" not in record and "gpu_idle_error" not in record, record
+        # CUDA events time each interval to about a microsecond.
+        assert sum(record["breakdown_ms"].values()) == pytest.approx(record["breakdown_step_ms"], rel=0.01)
+        assert record["gpu_busy_ms"] > 0 and record["gpu_idle_ms"] > 0
 
 
 def test_flops_equal_a_hand_computation(runs):
@@ -180,7 +187,7 @@ def test_timeline_attributes_moe_gaps_to_dispatch_and_combine():
 
 
 def test_loop_router_routes_as_the_reference():
-    loop_router = _load_tool("loop_router")
+    loop_router = load_tool("loop_router")
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(40, 12, generator=generator, dtype=torch.float64)
     segment_ids = torch.tensor([0] * 7 + [1] * 13 + [2] * 1 + [3] * 19)

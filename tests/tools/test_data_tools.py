@@ -6,7 +6,6 @@ all at once (on small inputs) and each test checks its own; the further error ca
 tools' ``main`` in this process.
 """
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -18,6 +17,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_emo.data.demo_corpus import DOMAINS, docs_documents
 from megatron_emo.data.tokenizer import Tokenizer, train_tokenizer
+from tests.conftest import load_tool
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 DOCS = 80
@@ -137,10 +137,7 @@ def test_strict_bad_line_exits_2_and_writes_nothing(runs):
 
 def tool_main(name: str):
     """``main`` of tools/<name>.py, loaded in this process."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_tool(name).main
 
 
 def test_train_tokenizer_strict_bad_line(runs, tmp_path, capsys):

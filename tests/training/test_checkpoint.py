@@ -13,9 +13,9 @@ import pytest
 import torch
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_emo.model.document_batch import DocumentBatch, run_model
 from megatron_emo.model.gpt import build_gpt_model
 from megatron_emo.recipes import get_recipe
-from megatron_emo.routing.documents import document_ids
 from megatron_emo.training.checkpoint import (
     CheckpointError,
     find_latest,
@@ -39,8 +39,8 @@ def _parts(hidden=16):
 def _step(model, optimizer, scheduler):
     optimizer.zero_grad()
     tokens = torch.randint(3, 64, (2, 16))
-    docs = document_ids(tokens, 2, seed=0, step=0, sample_index=torch.arange(2))
-    model(tokens, torch.arange(16).expand_as(tokens), docs, labels=tokens).mean().backward()
+    documents = DocumentBatch.of(tokens, 2, seed=0, step=0, sample_index=torch.arange(2))
+    run_model(model, tokens, documents, labels=tokens).mean().backward()
     optimizer.step()
     scheduler.step(1)
 

@@ -15,14 +15,20 @@ from tests.training.conftest import small_run as _run
 def nan_at_steps(monkeypatch):
     """Make the LM loss NaN in the forward passes of the given (1-based) steps."""
     def install(steps):
-        original = loop.forward_step
+        original_step, original_forward = loop.forward_backward_step, loop.forward_step
+        current = [0]
 
-        def forward_step(eos, seed, step, data_iterator, model):
-            output, loss_func = original(eos, seed, step, data_iterator, model)
-            if step + 1 in steps:
+        def forward_backward_step(step, *args):
+            current[0] = step
+            return original_step(step, *args)
+
+        def forward_step(data_iterator, model):
+            output, loss_func = original_forward(data_iterator, model)
+            if current[0] + 1 in steps:
                 output = output * float("nan")
             return output, loss_func
 
+        monkeypatch.setattr(loop, "forward_backward_step", forward_backward_step)
         monkeypatch.setattr(loop, "forward_step", forward_step)
     return install
 

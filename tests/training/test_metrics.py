@@ -19,19 +19,13 @@ from megatron_emo.routing.metrics import RoutingMetrics
 from megatron_emo.training.loop import _router_summary
 from megatron_emo.training.metrics import MetricsWriter, format_record, scalars
 
+from tests.conftest import load_tool
+
 from .conftest import small_run
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "plot_metrics.py"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("plot_metrics", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-plot_metrics = _load_tool()
+plot_metrics = load_tool("plot_metrics")
 
 
 def _record(metrics, counts):

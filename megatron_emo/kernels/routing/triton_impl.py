@@ -201,7 +201,8 @@ def _route_forward_kernel(
     tl.store(lse_ptr + offs_t, row_max + tl.log(denom), mask=row_ok)
 
     # Top-K by K rounds of argmax; ties go to the lower index. Experts outside the pool stay
-    # candidates at probability 0 (only reachable with pool < K, which the contract excludes);
+    # candidates at probability 0 (reachable with pool < K, which the contract excludes, and
+    # when the softmax underflows to 0 in fp32 for all but a few experts at very large logits);
     # padded lanes sit at -1 and picked experts drop to -2.
     work = tl.where(col_ok[None, :], probs, -1.0)
     offs_k = tl.arange(0, K_PAD)

@@ -1,0 +1,31 @@
+"""EmoTransformerLayer relies on one behaviour of megatron-core's TransformerLayer.forward: the
+``padding_mask`` it is given reaches the MLP, recomputed or not. These tests fail the day that
+changes."""
+
+import pytest
+import torch
+
+from megatron_emo.model.document_batch import DocumentBatch, run_model
+from megatron_emo.model.gpt import build_gpt_model
+from megatron_emo.model.moe_layer import EmoMoELayer
+from tests.conftest import make_config
+
+EOS = 2
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_every_moe_layer_gets_the_micro_batchs_documents(megatron_cpu, recompute):
+    overrides = dict(recompute_granularity="selective", recompute_modules=["mlp"]) if recompute else {}
+    model = build_gpt_model(make_config(**overrides), max_sequence_length=16, rotary_base=10_000)
+    received = []
+    for layer in model.modules():
+        if isinstance(layer, EmoMoELayer):
+            layer.register_forward_pre_hook(lambda module, args, kwargs: received.append(kwargs["padding_mask"]),
+                                            with_kwargs=True)
+    tokens = torch.randint(3, 64, (2, 16))
+    tokens[:, 6] = EOS
+    documents = DocumentBatch.of(tokens, EOS, seed=0, step=0, sample_index=torch.arange(2))
+    run_model(model, tokens, documents, labels=tokens).mean().backward()
+    # Recomputing runs each MoE layer again in the backward, with the same documents.
+    assert len(received) == 2 * (2 if recompute else 1)
+    assert all(item is documents for item in received)
