@@ -23,6 +23,8 @@ class ConfigError(ValueError):
 UNSUPPORTED_MEGATRON_OPTIONS = (
     ("attention_dropout", 0.0, "the variable-length flash attention kernel has no dropout"),
     ("mlp_chunks_for_prefill", 1, "the MoE layer needs the whole micro-batch's documents"),
+    ("fused_single_qkv_rope", False, "megatron-core does not fuse it with packed-sequence parameters"),
+    ("cuda_graph_impl", "none", "megatron-core's CUDA graphs exclude packed-sequence parameters"),
 )
 """megatron-core fields that EMO's layers do not honour: (name, the one value that works, why)."""
 

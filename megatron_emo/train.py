@@ -51,9 +51,10 @@ def main(argv=None) -> int:
     configure_cli_logging(args.verbose)
     try:
         run = resolve_run(args.recipe, args.overrides)
+        if args.print_config:  # shown even when it does not pass the checks below
+            print(json.dumps(dataclasses.asdict(run), indent=2, default=str))
         validate_training_run(run)
         if args.print_config:
-            print(json.dumps(dataclasses.asdict(run), indent=2, default=str))
             return 0
         from megatron_emo.training.loop import train
 

@@ -9,7 +9,8 @@ Writes a weights-only megatron_emo checkpoint folder (verified like any checkpoi
 run config and the folder's tokenizer.model) and prints the ``--set`` overrides that make the
 recipe's model match the imported one, plus the command that starts training from it in a
 folder of its own (the output's parent, or ``<output>-run`` beside it when the parent holds a
-run). ``--force`` replaces only a checkpoint folder (every file listed in its manifest). The
+run). ``--force`` replaces only a weights-only checkpoint folder such as this tool writes (every
+file listed in its manifest, no optimizer state, not inside a run's ``checkpoints``). The
 document pools are restored from the export's ``emo_metadata`` when present.
 
 Exit codes: 0 done; 2 bad input (not a Qwen2-MoE folder the model can express, a missing shard,
@@ -96,13 +97,19 @@ def convert(args) -> list[str]:
 
 
 def _is_weights_checkpoint(folder: Path) -> bool:
-    """Whether ``folder`` holds exactly the files of a published checkpoint (its manifest's)."""
+    """Whether ``folder`` is a weights-only checkpoint as this tool writes them: exactly the
+    files its manifest lists, no optimizer state, and not among a run's checkpoints."""
+    from megatron.core import dist_checkpointing
+
     manifest = folder / "manifest.json"
     try:
         listed = set(json.loads(manifest.read_text()))
-    except (OSError, ValueError):
+        common = dist_checkpointing.load_common_state_dict(str(folder))
+    except Exception:  # anything unreadable is not one of ours
         return False
-    return {path.name for path in folder.iterdir()} == listed | {manifest.name}
+    in_a_run = folder.parent.name == "checkpoints" or (folder.parent / "latest").is_file()
+    return ({path.name for path in folder.iterdir()} == listed | {manifest.name}
+            and "optimizer_kind" not in common and not in_a_run)
 
 
 def _run_folder_for(init: Path) -> Path:

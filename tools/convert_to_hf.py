@@ -17,8 +17,8 @@ The export is written to a temporary folder beside ``--output`` and renamed when
 earlier export there is deleted only once the new one is in place (a failed export leaves it as
 it was). ``--output`` must not be the checkpoint, hold it (the run or its ``checkpoints`` folder)
 or lie inside it. An existing non-empty ``--output`` is replaced only with ``--force``, and only
-if it is an earlier export: it has ``config.json`` and every entry in it is a file named as an
-export names its files (:data:`EXPORT_FILE`). A folder holding anything else (a user's file, a
+if it is an earlier export: its ``config.json`` carries our ``emo_metadata`` and every entry in
+it is a file named as an export names its files (:data:`EXPORT_FILE`). A folder holding anything else (a user's file, a
 subfolder) is never replaced.
 
 The HF model routes every token over all routed experts (no document pool, as EMO's own HF
@@ -124,9 +124,16 @@ def check_output(output: Path, checkpoint: Path, *, force: bool) -> None:
         raise OutputError(f"refusing to replace {output}: it holds {', '.join(others[:5])}{more}, which an export "
                           "does not write (--force replaces only an earlier export); move them away or choose "
                           "another --output")
-    if not (output / "config.json").is_file():
-        raise OutputError(f"refusing to replace {output}: it has no config.json, so it is not an earlier export "
-                          "(--force replaces only those); choose another --output")
+    if "emo_metadata" not in _json_or_empty(output / "config.json"):
+        raise OutputError(f"refusing to replace {output}: its config.json is missing or has no emo_metadata, so it "
+                          "is not an earlier export of this tool (--force replaces only those); choose another --output")
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _publish(tmp: Path, output: Path) -> None:

@@ -6,8 +6,9 @@
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 bash examples/emo_1b14b/torchrun.sh 16   # node1
 #   RECIPE=stdmoe_1b14b bash examples/emo_1b14b/torchrun.sh 8              # standard-MoE baseline
 #
-# Arguments after the layout go to megatron_emo.train, e.g.
-#   --set "data.blend=[[1.0,'/data/dolma']]" --set data.tokenizer_model=/data/tokenizer.model
+# Arguments after the layout go to megatron_emo.train; a flagship run needs its data, e.g.
+#   --set "data.blend=[[1.0,'/data/dolma']]" --set data.tokenizer_model="'/data/tokenizer.model'"
+# (without data.blend a run of more than 100M tokens on the demo corpus is refused at start).
 # Environment: RECIPE (emo_1b14b), GPUS_PER_NODE (8), NNODES (GPUs / 8), NODE_RANK (0),
 # MASTER_ADDR (localhost), MASTER_PORT (29500).
 set -euo pipefail

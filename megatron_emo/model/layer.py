@@ -10,9 +10,14 @@ tests/model/test_layer.py fails the day megatron-core stops passing ``padding_ma
 
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_emo.model.document_batch import DocumentBatch
+
 
 class EmoTransformerLayer(TransformerLayer):
     def forward(self, *args, packed_seq_params=None, padding_mask=None, **kwargs):
         if padding_mask is not None:
             raise NotImplementedError("padding masks are not supported: documents come as a DocumentBatch")
+        if not isinstance(packed_seq_params, DocumentBatch):
+            raise TypeError("an EMO layer needs its micro-batch's DocumentBatch as packed_seq_params "
+                            "(megatron_emo.model.document_batch.run_model passes it)")
         return super().forward(*args, packed_seq_params=packed_seq_params, padding_mask=packed_seq_params, **kwargs)

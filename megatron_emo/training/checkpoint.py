@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -72,16 +73,20 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+CHECKPOINT_NAME = re.compile(r"step_(\d+)")
+
+
 def checkpoint_step(path: Path) -> int:
-    return int(Path(path).name.split("_")[1])
+    return int(CHECKPOINT_NAME.fullmatch(Path(path).name).group(1))
 
 
 def published_checkpoints(root: Path) -> list[Path]:
-    """The published checkpoint folders under ``root``, oldest first."""
+    """The published checkpoint folders under ``root`` (``step_<digits>``), oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted((path for path in root.glob("step_*") if path.is_dir()), key=checkpoint_step)
+    return sorted((path for path in root.iterdir() if path.is_dir() and CHECKPOINT_NAME.fullmatch(path.name)),
+                  key=checkpoint_step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,10 +138,10 @@ def _all_ranks(values: dict) -> dict:
     return {key: value for part in gathered for key, value in part.items()}
 
 
-def _publish(tmp: Path, final: Path, run, tokenizer_file: Optional[Path]) -> Path:
+def _publish(tmp: Path, final: Path, run, tokenizer_file: Optional[Path], *, point_latest: bool = True) -> Path:
     """Add the run config and tokenizer to the written folder ``tmp``, hash every file, write
-    the manifest and publish ``tmp`` as ``final`` with ``latest`` pointing at it. Every rank
-    takes part."""
+    the manifest and publish ``tmp`` as ``final`` (with ``latest`` beside it pointing at it, for
+    a run's checkpoints). Every rank takes part."""
     if dist.get_rank() == 0:
         _write_json(tmp / RUN_CONFIG, dataclasses.asdict(run))
         if tokenizer_file is not None:
@@ -148,16 +153,27 @@ def _publish(tmp: Path, final: Path, run, tokenizer_file: Optional[Path]) -> Pat
     if dist.get_rank() == 0:
         _write_json(tmp / MANIFEST, {name: manifest[name] for name in names})
         _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after a resume)
-            shutil.rmtree(final)
+        # A folder already there (a re-save of a step after a resume, a re-import) is moved
+        # aside first and deleted once the new one is in place: a crash leaves one of the two.
+        old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-        pointer = final.parent / f"{TMP_PREFIX}{LATEST}"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, final.parent / LATEST)
-        _fsync_dir(final.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        if point_latest:
+            point_latest_at(final)
     dist.barrier()
     return final
+
+
+def point_latest_at(checkpoint: Path) -> None:
+    """Replace the ``latest`` pointer beside ``checkpoint`` by one naming it, atomically."""
+    pointer = checkpoint.parent / f"{TMP_PREFIX}{LATEST}"
+    pointer.write_text(checkpoint.name + "\n")
+    os.replace(pointer, checkpoint.parent / LATEST)
+    _fsync_dir(checkpoint.parent)
 
 
 def _fresh_tmp(final: Path) -> Path:
@@ -244,7 +260,7 @@ def write_weights_checkpoint(final: Path, weights: dict[str, torch.Tensor], run,
                        for name, tensor in weights.items()},
              "step": 0}
     dist_checkpointing.save(state, str(tmp))
-    return _publish(tmp, final, run, tokenizer_file)
+    return _publish(tmp, final, run, tokenizer_file, point_latest=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,14 +287,18 @@ def verify_checkpoint(path: Path) -> None:
 
 
 def _file_error(folder: Path, name: str, expected: dict) -> Optional[str]:
+    """What is wrong with one file, or None; never raises (every rank must reach the gather)."""
     file = folder / name
-    if not file.is_file():
-        return "is missing"
-    size = file.stat().st_size
-    if size != expected["bytes"]:
-        return f"has {size} bytes, the manifest says {expected['bytes']} (truncated or replaced)"
-    if _sha256(file) != expected["sha256"]:
-        return "does not match its SHA-256 (corrupted or modified)"
+    try:
+        if not file.is_file():
+            return "is missing"
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            return f"has {size} bytes, the manifest says {expected['bytes']} (truncated or replaced)"
+        if _sha256(file) != expected["sha256"]:
+            return "does not match its SHA-256 (corrupted or modified)"
+    except (OSError, KeyError, TypeError) as error:
+        return f"cannot be checked ({type(error).__name__}: {error})"
     return None
 
 

@@ -8,16 +8,21 @@
 
 The newest checkpoint is the one ``latest`` names. When that pointer is missing, or its
 checkpoint does not verify (truncated, tampered), the newest other checkpoint that verifies is
-taken and the warning names both; when none verifies the error lists each one's fault. A
-refusal names the way out: another ``train.output_dir``, or deleting the folder. So a run is
-never restarted over, mixed with or truncated into another run's files.
+taken and the warning names both; when none verifies the error lists each one's fault.
+Checkpoints newer than the one resumed are renamed ``.stale-step_N``, so they are neither
+resumed later nor counted by the retention rules. A refusal names the way out: another
+``train.output_dir``, or deleting the folder. So a run is never restarted over, mixed with or
+truncated into another run's files. Rank 0 reads the folder; every rank follows its decision.
 """
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+import torch.distributed as dist
 
 from megatron_emo.config import ConfigError
 from megatron_emo.training.checkpoint import (
@@ -25,6 +30,7 @@ from megatron_emo.training.checkpoint import (
     RUN_CONFIG,
     CheckpointError,
     checkpoint_step,
+    point_latest_at,
     published_checkpoints,
     report_unfinished_saves,
     verify_checkpoint,
@@ -33,6 +39,7 @@ from megatron_emo.training.checkpoint import (
 logger = logging.getLogger(__name__)
 
 METRICS_FILES = ("metrics.jsonl", "eval.jsonl")
+STALE_PREFIX = ".stale-"
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,10 @@ def _saved_init_from(checkpoint: Path) -> Optional[str]:
         return json.loads((checkpoint / RUN_CONFIG).read_text())["train"].get("init_from")
     except (OSError, ValueError, KeyError):
         return None
+
+
+def _same_path(a: Optional[str], b: Optional[str]) -> bool:
+    return (a is None) == (b is None) and (a is None or Path(a).resolve() == Path(b).resolve())
 
 
 def _newest_verified(root: Path, candidates: list[Path]) -> Path:
@@ -90,30 +101,58 @@ def resume_candidates(root: Path, published: list[Path]) -> list[Path]:
     return ([named] if named else []) + others
 
 
-def plan_start(train) -> StartPoint:
-    """Where the run of ``train`` (a TrainConfig) starts; every rank calls it (the ranks share
-    checkpoint verification). Raises ConfigError for a folder that holds another run."""
+def _decide(train) -> tuple[str, object]:
+    """Rank 0's reading of the folder: ``("refuse", message)``, ``("fresh", init_from)`` or
+    ``("resume", candidates)``."""
     output_dir = Path(train.output_dir)
     root = output_dir / "checkpoints"
-    init_from = Path(train.init_from) if train.init_from else None
     report_unfinished_saves(root)
     published = published_checkpoints(root)
     if not published:
         if _has_records(output_dir):
-            raise ConfigError(
-                f"{output_dir} holds the metrics of an earlier run but no checkpoint to resume it from: "
-                + _way_out(output_dir))
-        return StartPoint(init_from=init_from)
-    newest = checkpoint_step(published[-1])
+            return "refuse", (f"{output_dir} holds the metrics of an earlier run but no checkpoint to resume it "
+                              "from: " + _way_out(output_dir))
+        return "fresh", Path(train.init_from) if train.init_from else None
     if not train.resume:
-        raise ConfigError(
-            f"{output_dir} already holds a run (checkpoints up to step {newest}) and train.resume=False: "
-            f"resume it (train.resume=True), or {_way_out(output_dir)}")
-    checkpoint = _newest_verified(root, resume_candidates(root, published))
+        return "refuse", (f"{output_dir} already holds a run (checkpoints up to step {checkpoint_step(published[-1])}) "
+                          f"and train.resume=False: resume it (train.resume=True), or {_way_out(output_dir)}")
+    return "resume", resume_candidates(root, published)
+
+
+def _set_aside_newer(checkpoint: Path) -> None:
+    """Rename the published checkpoints newer than ``checkpoint`` (the one resumed) to
+    ``.stale-step_N`` and point ``latest`` at ``checkpoint``: the run goes on from there, so the
+    newer ones belong to no trajectory it continues, and kept among the published ones they
+    would be resumed or counted as the newest by the retention rules."""
+    newer = [path for path in published_checkpoints(checkpoint.parent)
+             if checkpoint_step(path) > checkpoint_step(checkpoint)]
+    for path in newer:
+        stale = path.with_name(f"{STALE_PREFIX}{path.name}")
+        os.replace(path, stale)
+        logger.warning("set %s aside as %s: it is newer than %s, which this run resumes from; delete it "
+                       "when it is no longer needed", path, stale.name, checkpoint)
+    point_latest_at(checkpoint)  # also where the pointer was missing or named another
+
+
+def plan_start(train) -> StartPoint:
+    """Where the run of ``train`` (a TrainConfig) starts. Every rank calls it: rank 0 reads the
+    folder and every rank follows its decision (the ranks share checkpoint verification).
+    Raises ConfigError for a folder that holds another run."""
+    decision = [_decide(train) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(decision, src=0)
+    kind, value = decision[0]
+    if kind == "refuse":
+        raise ConfigError(value)
+    if kind == "fresh":
+        return StartPoint(init_from=value)
+    output_dir = Path(train.output_dir)
+    checkpoint = _newest_verified(output_dir / "checkpoints", value)
     saved = _saved_init_from(checkpoint)
-    if train.init_from and saved != train.init_from:
+    if train.init_from and not _same_path(saved, train.init_from):
         raise ConfigError(
-            f"train.init_from={train.init_from!r}, but {output_dir} already holds a run (checkpoints up to "
-            f"step {newest}) that started from {saved or 'freshly initialised weights'}: "
-            + _way_out(output_dir))
+            f"train.init_from={train.init_from!r}, but {output_dir} already holds a run (checkpoint {checkpoint.name}) "
+            f"that started from {saved or 'freshly initialised weights'}: " + _way_out(output_dir))
+    if dist.get_rank() == 0:
+        _set_aside_newer(checkpoint)
+    dist.barrier()
     return StartPoint(checkpoint=checkpoint)

@@ -32,7 +32,7 @@ def run_summary(output_dir: Path, *, steps: int) -> list[str]:
     lines.append(f"outputs in {output_dir}: {', '.join(present)}"
                  + (f"; newest checkpoint {checkpoint}" if checkpoint else "; no checkpoint (train.save=False)"))
     if checkpoint is not None:
-        lines.append(f"next: export it to Hugging Face with python tools/convert_to_hf.py --checkpoint {output_dir} "
+        lines.append(f"next: export it to Hugging Face with python tools/convert_to_hf.py --checkpoint {checkpoint} "
                      f"--output {output_dir / 'hf'}")
     if record is not None:
         lines.append(f"      plot its curves with python tools/plot_metrics.py {output_dir}"

@@ -277,6 +277,10 @@ def test_import_back_reproduces_the_checkpoint_and_training_starts_from_it(run_d
     refused = subprocess.run([*again, "--output", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert refused.returncode == 2 and "not a checkpoint folder this tool wrote" in refused.stderr
     assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "metrics.jsonl").is_file()
+    step = sorted((run_dir / "checkpoints").glob("step_*"))[-1]  # a run's checkpoint, with its optimizer
+    refused = subprocess.run([*again, "--output", str(step)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert refused.returncode == 2 and "not a checkpoint folder this tool wrote" in refused.stderr
+    verify_checkpoint(step)
 
 
 def test_import_refuses_what_it_cannot_read(tmp_path):

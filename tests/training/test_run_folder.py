@@ -53,13 +53,23 @@ def test_missing_latest_pointer_resumes_the_newest_verified_checkpoint(tmp_path,
 
 
 def test_corrupt_newest_checkpoint_falls_back_loudly_to_an_older_verified_one(tmp_path, megatron_cpu, caplog):
-    older, newest = _save(tmp_path, (2, 4))
+    oldest, older, newest = _save(tmp_path, (2, 4, 6))
     _truncate(newest)
     assert plan_start(_train_config(tmp_path)).checkpoint == older
     assert f"checkpoint {newest}" in caplog.text and f"resuming from {older}" in caplog.text
+    # The newer checkpoint is set aside, so neither a later resume nor the retention rules count it.
+    assert not newest.exists() and (newest.parent / ".stale-step_00000006").is_dir()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == older.name
     _truncate(older)
-    with pytest.raises(CheckpointError, match=f"no checkpoint in .* verifies: checkpoint {newest}.*; checkpoint {older}"):
+    _truncate(oldest)
+    with pytest.raises(CheckpointError, match=f"no checkpoint in .* verifies: checkpoint {older}.*; checkpoint {oldest}"):
         plan_start(_train_config(tmp_path))
+
+
+def test_stray_folders_are_not_checkpoints(tmp_path, megatron_cpu):
+    (only,) = _save(tmp_path, (2,))
+    (tmp_path / "checkpoints" / "step_old").mkdir()
+    assert plan_start(_train_config(tmp_path)).checkpoint == only
 
 
 def test_existing_run_is_refused_not_restarted(tmp_path, megatron_cpu):
@@ -79,9 +89,9 @@ def test_init_from_into_a_folder_of_another_run_is_refused(tmp_path, megatron_cp
     _save(tmp_path / "plain", (2,))
     with pytest.raises(ConfigError, match="train.init_from='hf/init'.*started from freshly initialised weights"):
         plan_start(_train_config(tmp_path / "plain", init_from="hf/init"))
-    # The same init_from run, interrupted, resumes its own checkpoint.
+    # The same init_from run, interrupted, resumes its own checkpoint (the path however spelled).
     (own,) = _save(tmp_path / "own", (2,), init_from="hf/init")
-    assert plan_start(_train_config(tmp_path / "own", init_from="hf/init")).checkpoint == own
+    assert plan_start(_train_config(tmp_path / "own", init_from="hf/./init")).checkpoint == own
 
 
 def _command(output_dir, *overrides):
