@@ -123,7 +123,7 @@ def make_pass(fn, logits, pass_name, grad_weights):
         weights, indices, probs, lse = fn(logits)
         loss = (weights * grad_weights).sum()
         if pass_name == "fwd+bwd+losses":
-            # The router's weights (DESIGN §1): 0.1 LB and 1e-3 z, here for one layer.
+            # The router's loss weights (EMO's): 0.1 LB and 1e-3 z, here for one layer.
             loss = loss + 0.1 * load_balancing_loss(probs, indices)[0] + 1e-3 * z_loss(lse)
         loss.backward()
 

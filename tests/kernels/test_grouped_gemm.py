@@ -9,7 +9,7 @@ Three tiers:
 - ``gpu``: the EMO shape (131072 rows, 128 experts, h 2048, F 1024) under uniform, Zipf-skewed
   and mostly-empty loads; bf16 error at most twice PyTorch's own bf16 error.
 fp32 inputs are compared tightly (the interpreter computes fp32 dots exactly); bf16 outputs by
-the rule of DESIGN §4: error against an fp32 reference of the same bf16 inputs at most 2x that of
+the project's bf16 rule: error against an fp32 reference of the same bf16 inputs at most 2x that of
 PyTorch's bf16 computation, plus a floor.
 """
 

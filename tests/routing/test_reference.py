@@ -7,7 +7,7 @@ from megatron_emo.routing.reference import pool_mask, route, segment_positions
 
 
 def loop_reference(logits, segment_ids, pool_sizes):
-    """DESIGN §1, one segment at a time: the pool mask and the masked logits.
+    """The routing contract, one segment at a time: the pool mask and the masked logits.
 
     The pool of a segment is the top-P experts of the sum over its tokens of the unmasked
     softmax; ties go to the lower expert index.

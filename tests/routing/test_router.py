@@ -51,7 +51,7 @@ def router_logits(router, hidden):
 
 
 def reference_routing(router, hidden, doc_ids, token_pools):
-    """Route document by document with Python loops (DESIGN §1).
+    """Route document by document with Python loops (the routing contract).
 
     Args:
         token_pools: int ``[b, s]`` pool of each token's document, or None for no pool.

@@ -45,7 +45,8 @@ def route(
     *,
     return_logsumexp: bool = False,
 ):
-    """Route tokens to experts inside their document's pool (the contract of DESIGN §1).
+    """Route tokens to experts inside their document's pool (the routing contract, defined by
+    :mod:`megatron_emo.routing.reference`).
 
     Exactly :func:`megatron_emo.routing.reference.route`; see there for the semantics: the pool
     of a segment is the top-P experts of the sum of its tokens' unmasked softmax, ties to the
