@@ -1,7 +1,7 @@
 """Train an EMO model.
 
     python -m megatron_emo.train --recipe tiny                      # 2 CPU cores, minutes
-    python -m megatron_emo.train --recipe tiny --set model.emo_router_mode=topk --set train.steps=20
+    python -m megatron_emo.train --recipe tiny --set model.emo_router_mode=topk --set train.output_dir="'runs/topk'"
     torchrun --nproc-per-node 8 -m megatron_emo.train --recipe emo_1b14b \
         --set "data.blend=[[0.7,'data/web'],[0.3,'data/code']]" --set data.tokenizer_model="'tok.model'"
 

@@ -61,9 +61,7 @@ def convert(args) -> list[str]:
     from megatron_emo.training.cpu_mode import megatron_device
     from megatron_emo.training.distributed import process_group
 
-    hf_dir, output = Path(args.hf), Path(args.output)
-    if not (hf_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{hf_dir} has no config.json: not a Hugging Face model folder")
+    hf_dir, output = hf_folder.check_hf_folder(args.hf), Path(args.output)
     if output.exists():
         if not args.force:
             raise FileExistsError(f"{output} exists: pass --force to replace it")

@@ -55,7 +55,7 @@ EXPORT_FILE = re.compile(
     r"|tokenizer\.json|tokenizer_config\.json|tokenizer\.model"
 )
 """The names of the files an export writes (both layouts): ``--force`` replaces a folder only
-if it has config.json and holds nothing but files with these names."""
+if it holds nothing but files with these names and its config.json has our ``emo_metadata``."""
 
 
 class OutputError(Exception):
@@ -136,28 +136,12 @@ def _json_or_empty(path: Path) -> dict:
         return {}
 
 
-def _publish(tmp: Path, output: Path) -> None:
-    """Rename the finished export ``tmp`` to ``output``. An earlier export there is renamed aside
-    first and deleted once the new one is in place (renamed back if that fails): a crash between
-    the renames leaves it whole as ``.old-<name>-<pid>``."""
-    if not output.exists():
-        os.replace(tmp, output)
-        return
-    old = output.with_name(f".old-{output.name}-{os.getpid()}")
-    os.replace(output, old)
-    try:
-        os.replace(tmp, output)
-    except BaseException:
-        os.replace(old, output)
-        raise
-    shutil.rmtree(old)
-
-
 def export(args) -> Path:
     from megatron_emo.convert import hf_folder, qwen2_moe
     from megatron_emo.convert.emo_layout import rewrite_folder_as_emo
     from megatron_emo.convert.hf_tokenizer import export_tokenizer
     from megatron_emo.convert.megatron_checkpoint import find_tokenizer, load_checkpoint_for_export, resolve_checkpoint
+    from megatron_emo.files import replace_folder
     from megatron_emo.data.tokenizer import Tokenizer
 
     output = Path(args.output)
@@ -189,7 +173,7 @@ def export(args) -> Path:
         )
         if args.layout == "emo":
             rewrite_folder_as_emo(tmp, num_shared=config.emo_num_shared_experts, max_shard_size=args.max_shard_size)
-        _publish(tmp, output)
+        replace_folder(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -225,8 +209,6 @@ def main(argv=None) -> int:
         if args.generate is not None:
             from megatron_emo.convert.hf_generate import generate
 
-            if not (Path(args.output) / "config.json").is_file():
-                raise FileNotFoundError(f"{args.output} has no config.json: export a checkpoint there first")
             result = generate(args.output, args.generate, max_new_tokens=args.max_new_tokens)
             print(f"prompt: {args.generate!r} ({len(result.prompt_ids)} tokens)")
             print(f"greedy continuation ({len(result.new_ids)} tokens, stock transformers): {result.text!r}")

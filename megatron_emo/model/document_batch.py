@@ -49,10 +49,10 @@ class DocumentBatch(PackedSeqParams):
                    document_ids=document_ids(tokens, eos_token_id, seed=seed, step=step, sample_index=sample_index))
 
     def to(self, device) -> "DocumentBatch":
-        """A copy on ``device`` (asynchronous from pinned memory)."""
-        cu_seqlens = self.cu_seqlens_q.to(device, non_blocking=True)
+        """A copy on ``device``."""
+        cu_seqlens = self.cu_seqlens_q.to(device)
         return replace(self, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                       document_ids=self.document_ids.to(device, non_blocking=True))
+                       document_ids=self.document_ids.to(device))
 
 
 def run_model(model, tokens: torch.Tensor, documents: DocumentBatch, labels: Optional[torch.Tensor] = None):

@@ -9,7 +9,6 @@ returns, on rank 0, what one process would see: the LM loss of every step, the r
 first step joined to one-process tensors.
 """
 
-import functools
 
 import torch
 import torch.distributed as dist

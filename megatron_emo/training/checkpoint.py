@@ -44,8 +44,11 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+from megatron_emo.config import EmoConfig
+from megatron_emo.files import fsync_dir, replace_folder
 from megatron_emo.parallel.shards import chunks_of
 from megatron_emo.parallel.sharded_state import sharded_tensors
+from megatron_emo.recipes import GPTConfig
 from megatron_emo.training.checkpoint_state import (
     CPU_OPTIMIZER,
     load_model,
@@ -102,14 +105,6 @@ def _sha256(path: Path, *, flush: bool = False) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, value) -> None:
     with open(path, "w") as f:
         json.dump(value, f, indent=2, default=str)
@@ -152,16 +147,8 @@ def _publish(tmp: Path, final: Path, run, tokenizer_file: Optional[Path], *, poi
         lambda name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name, flush=True)}, _share(names)))
     if dist.get_rank() == 0:
         _write_json(tmp / MANIFEST, {name: manifest[name] for name in names})
-        _fsync_dir(tmp)
-        # A folder already there (a re-save of a step after a resume, a re-import) is moved
-        # aside first and deleted once the new one is in place: a crash leaves one of the two.
-        old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(tmp)
+        replace_folder(tmp, final)  # a re-save of a step after a resume, or a re-import, replaces it
         if point_latest:
             point_latest_at(final)
     dist.barrier()
@@ -173,7 +160,7 @@ def point_latest_at(checkpoint: Path) -> None:
     pointer = checkpoint.parent / f"{TMP_PREFIX}{LATEST}"
     pointer.write_text(checkpoint.name + "\n")
     os.replace(pointer, checkpoint.parent / LATEST)
-    _fsync_dir(checkpoint.parent)
+    fsync_dir(checkpoint.parent)
 
 
 def _fresh_tmp(final: Path) -> Path:
@@ -346,15 +333,30 @@ def _expected_shapes(model) -> dict[str, tuple]:
     return _all_ranks(shapes)
 
 
-def _config_differences(path: Path, run) -> list[str]:
+def _as_saved(value):
+    """``value`` as run_config.json holds it (tuples become lists, objects strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def config_differences(path: Path, run, *, ignore=frozenset()) -> list[str]:
+    """The ``model.*`` and ``gpt.*`` settings of ``run`` that differ from those checkpoint
+    ``path`` was trained with (a field set on one side only counts with its default on the
+    other), but those named in ``ignore``."""
     try:
         saved = json.loads((path / RUN_CONFIG).read_text())
     except (OSError, json.JSONDecodeError):
         return []
     current = dataclasses.asdict(run)
-    return [f"{section}.{name}: checkpoint {saved[section][name]!r} vs run {value!r}"
-            for section in ("model", "gpt") for name, value in current[section].items()
-            if name in saved.get(section, {}) and saved[section][name] != value]
+    defaults = {"model": {field.name: field.default for field in dataclasses.fields(EmoConfig)},
+                "gpt": dataclasses.asdict(GPTConfig())}
+    differences = []
+    for section in ("model", "gpt"):
+        ours, theirs = current[section], saved.get(section, {})
+        for name in sorted((set(ours) | set(theirs)) - set(ignore)):
+            old, new = (_as_saved(side.get(name, defaults[section].get(name))) for side in (theirs, ours))
+            if old != new:
+                differences.append(f"{section}.{name}: checkpoint {old!r} vs run {new!r}")
+    return differences
 
 
 def _check_fits(path: Path, model, run) -> None:
@@ -372,7 +374,7 @@ def _check_fits(path: Path, model, run) -> None:
         "shapes differ: " + ", ".join(mismatched[:5]) if mismatched else "",
     ) if part]
     if run is not None:
-        details += _config_differences(path, run)[:10]
+        details += config_differences(path, run)[:10]
     raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(details))
 
 

@@ -23,7 +23,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_emo.parallel.shards import chunks_of
 from megatron_emo.parallel.sharded_state import parameters_by_name, sharded_tensors
-from megatron_emo.training.optimizer import fuse_torch_adam, optimizer_parts, torch_adams
+from megatron_emo.training.optimizer import fuse_torch_adam, optimizer_parts, torch_adam_parts
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +78,7 @@ def _with_torch_adam_state(optimizer) -> None:
     that has not stepped yet (a run stopped at its first step, or one about to load) gets zero
     moments and step 0 — what it would hold anyway.
     """
-    for part in optimizer_parts(optimizer):
-        if part.optimizer not in torch_adams(optimizer):
-            continue  # TransformerEngine/apex FusedAdam: step lives in the param groups
+    for part in torch_adam_parts(optimizer):  # TransformerEngine's/apex's FusedAdam keep step in their groups
         part.init_state_fn(part.optimizer, part.config)
         for param, state in part.optimizer.state.items():
             state.setdefault("step", torch.zeros((), device=param.device))  # where the fused kernel keeps it

@@ -6,7 +6,6 @@ is the validation split of each dataset of the blend (each dataset is one domain
 """
 
 import contextlib
-import functools
 from pathlib import Path
 
 import torch

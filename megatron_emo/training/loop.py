@@ -163,7 +163,7 @@ def _train(run: RunConfig) -> list[dict]:
     on_gpu = torch.cuda.is_available()
     config = run.emo_config(vocab_size=vocab_size, eos_token_id=tokenizer.eos_id, on_gpu=on_gpu)
     runtime = init_model_parallel(config, seed=run.train.seed)
-    start = plan_start(run.train)  # before anything in the run folder is written
+    start = plan_start(run)  # before anything in the run folder is written
     if run.gpt.share_embeddings and config.pipeline_model_parallel_size > 1 and not runtime.on_gpu:
         # The CPU gradient reduction (parallel/grads.py) does not sum the tied copies' gradients.
         raise ConfigError("gpt.share_embeddings with pipeline parallelism is not supported on the CPU")

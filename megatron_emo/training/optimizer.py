@@ -140,10 +140,10 @@ def optimizer_parts(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def torch_adams(optimizer) -> list:
-    """The torch Adam(W) optimizers inside megatron-core's optimizer: megatron-core 0.16.1 runs
-    torch's when neither TransformerEngine nor apex provides a FusedAdam."""
-    return [part.optimizer for part in optimizer_parts(optimizer)
+def torch_adam_parts(optimizer) -> list:
+    """The parts of megatron-core's optimizer that step a torch Adam(W): megatron-core 0.16.1
+    runs torch's when neither TransformerEngine nor apex provides a FusedAdam."""
+    return [part for part in optimizer_parts(optimizer)
             if isinstance(part.optimizer, torch.optim.Adam | torch.optim.AdamW)]
 
 
@@ -152,7 +152,7 @@ def fuse_torch_adam(optimizer) -> None:
     parameters, near memory bandwidth) instead of its default multi-tensor ``foreach`` path.
     The fused kernel keeps step counts on the parameters' device. Called after building and
     after loading a checkpoint, which restores the param groups' saved options."""
-    adams = torch_adams(optimizer)
+    adams = [part.optimizer for part in torch_adam_parts(optimizer)]
     for adam in adams:
         for group in adam.param_groups:
             group.update(fused=True, foreach=False)

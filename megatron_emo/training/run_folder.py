@@ -5,14 +5,17 @@
     checkpoints                           the newest one that verifies   refused
     metrics but no checkpoint             refused                        refused
     checkpoints of another init_from      refused                        refused
+    checkpoints of other model settings   refused                        refused
 
 The newest checkpoint is the one ``latest`` names. When that pointer is missing, or its
 checkpoint does not verify (truncated, tampered), the newest other checkpoint that verifies is
 taken and the warning names both; when none verifies the error lists each one's fault.
-Checkpoints newer than the one resumed are renamed ``.stale-step_N``, so they are neither
-resumed later nor counted by the retention rules. A refusal names the way out: another
-``train.output_dir``, or deleting the folder. So a run is never restarted over, mixed with or
-truncated into another run's files. Rank 0 reads the folder; every rank follows its decision.
+Other model settings are any ``model.*`` or ``gpt.*`` field but the parallel layout and
+recomputation (:data:`LAYOUT_FIELDS`). Checkpoints newer than the one resumed are renamed
+``.stale-step_N``, so they are neither resumed later nor counted by the retention rules. A
+refusal names the way out: another ``train.output_dir``, or deleting the folder. So a run is
+never restarted over, mixed with or truncated into another run's files. Rank 0 reads the
+folder; every rank follows its decision.
 """
 
 import json
@@ -30,6 +33,7 @@ from megatron_emo.training.checkpoint import (
     RUN_CONFIG,
     CheckpointError,
     checkpoint_step,
+    config_differences,
     point_latest_at,
     published_checkpoints,
     report_unfinished_saves,
@@ -40,6 +44,13 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILES = ("metrics.jsonl", "eval.jsonl")
 STALE_PREFIX = ".stale-"
+LAYOUT_FIELDS = frozenset({
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+    "expert_model_parallel_size", "expert_tensor_parallel_size", "context_parallel_size", "sequence_parallel",
+    "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules",
+})
+"""Model settings a run may change when it resumes: how it is laid out over GPUs and what it
+recomputes, not what it computes (checkpoints load under any layout)."""
 
 
 @dataclass(frozen=True)
@@ -134,10 +145,11 @@ def _set_aside_newer(checkpoint: Path) -> None:
     point_latest_at(checkpoint)  # also where the pointer was missing or named another
 
 
-def plan_start(train) -> StartPoint:
-    """Where the run of ``train`` (a TrainConfig) starts. Every rank calls it: rank 0 reads the
-    folder and every rank follows its decision (the ranks share checkpoint verification).
-    Raises ConfigError for a folder that holds another run."""
+def plan_start(run) -> StartPoint:
+    """Where ``run`` (a RunConfig) starts. Every rank calls it: rank 0 reads the folder and every
+    rank follows its decision (the ranks share checkpoint verification). Raises ConfigError for
+    a folder that holds another run."""
+    train = run.train
     decision = [_decide(train) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(decision, src=0)
     kind, value = decision[0]
@@ -152,6 +164,11 @@ def plan_start(train) -> StartPoint:
         raise ConfigError(
             f"train.init_from={train.init_from!r}, but {output_dir} already holds a run (checkpoint {checkpoint.name}) "
             f"that started from {saved or 'freshly initialised weights'}: " + _way_out(output_dir))
+    differences = config_differences(checkpoint, run, ignore=LAYOUT_FIELDS)
+    if differences:
+        raise ConfigError(
+            f"{output_dir} holds a run trained with other settings ({'; '.join(differences[:5])}): resume it "
+            "with its own settings, or " + _way_out(output_dir))
     if dist.get_rank() == 0:
         _set_aside_newer(checkpoint)
     dist.barrier()

@@ -189,25 +189,6 @@ def test_failed_export_keeps_the_earlier_one(exported, run_dir, tmp_path, capsys
     assert _snapshot(output) == before and [p.name for p in tmp_path.iterdir()] == ["hf"]
 
 
-def test_publish_puts_the_earlier_export_back_if_the_rename_fails(tmp_path, monkeypatch):
-    tool = _tool()
-    output, new = tmp_path / "hf", tmp_path / ".tmp-hf"
-    for folder in (output, new):
-        folder.mkdir()
-        (folder / "config.json").write_text(folder.name)
-    rename = tool.os.replace
-
-    def replace(source, target):
-        if Path(source) == new:
-            raise OSError("no space left")
-        rename(source, target)
-
-    monkeypatch.setattr(tool.os, "replace", replace)
-    with pytest.raises(OSError, match="no space left"):
-        tool._publish(new, output)
-    assert (output / "config.json").read_text() == "hf" and not list(tmp_path.glob(".old-*"))
-
-
 def test_export_reads_back_to_the_checkpoint(exported, run_dir):
     from transformers import AutoConfig
 

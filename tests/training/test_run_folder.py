@@ -15,8 +15,11 @@ from megatron_emo.training.run_folder import StartPoint, plan_start
 from tests.training.test_checkpoint import _parts
 
 
-def _train_config(output_dir, **fields):
-    return TrainConfig(output_dir=str(output_dir), **fields)
+def _run(output_dir, **fields):
+    """The tiny recipe (as the checkpoints below were saved with) writing to ``output_dir``."""
+    run = get_recipe("tiny")
+    run.train = TrainConfig(output_dir=str(output_dir), **fields)
+    return run
 
 
 def _save(output_dir, steps, init_from=None):
@@ -34,28 +37,28 @@ def _truncate(checkpoint):
 
 
 def test_fresh_folder_starts_at_step_zero(tmp_path, megatron_cpu):
-    assert plan_start(_train_config(tmp_path)) == StartPoint()
-    assert plan_start(_train_config(tmp_path, init_from="hf/init")) == StartPoint(init_from=Path("hf/init"))
+    assert plan_start(_run(tmp_path)) == StartPoint()
+    assert plan_start(_run(tmp_path, init_from="hf/init")) == StartPoint(init_from=Path("hf/init"))
 
 
 def test_resume_takes_latest(tmp_path, megatron_cpu):
     _, newest = _save(tmp_path, (2, 4))
-    assert plan_start(_train_config(tmp_path)) == StartPoint(checkpoint=newest)
+    assert plan_start(_run(tmp_path)) == StartPoint(checkpoint=newest)
 
 
 def test_missing_latest_pointer_resumes_the_newest_verified_checkpoint(tmp_path, megatron_cpu, caplog):
     older, newest = _save(tmp_path, (2, 4))
     (tmp_path / "checkpoints" / "latest").unlink()
-    assert plan_start(_train_config(tmp_path)).checkpoint == newest
+    assert plan_start(_run(tmp_path)).checkpoint == newest
     assert "latest is missing" in caplog.text
     _truncate(newest)
-    assert plan_start(_train_config(tmp_path)).checkpoint == older
+    assert plan_start(_run(tmp_path)).checkpoint == older
 
 
 def test_corrupt_newest_checkpoint_falls_back_loudly_to_an_older_verified_one(tmp_path, megatron_cpu, caplog):
     oldest, older, newest = _save(tmp_path, (2, 4, 6))
     _truncate(newest)
-    assert plan_start(_train_config(tmp_path)).checkpoint == older
+    assert plan_start(_run(tmp_path)).checkpoint == older
     assert f"checkpoint {newest}" in caplog.text and f"resuming from {older}" in caplog.text
     # The newer checkpoint is set aside, so neither a later resume nor the retention rules count it.
     assert not newest.exists() and (newest.parent / ".stale-step_00000006").is_dir()
@@ -63,35 +66,46 @@ def test_corrupt_newest_checkpoint_falls_back_loudly_to_an_older_verified_one(tm
     _truncate(older)
     _truncate(oldest)
     with pytest.raises(CheckpointError, match=f"no checkpoint in .* verifies: checkpoint {older}.*; checkpoint {oldest}"):
-        plan_start(_train_config(tmp_path))
+        plan_start(_run(tmp_path))
 
 
 def test_stray_folders_are_not_checkpoints(tmp_path, megatron_cpu):
     (only,) = _save(tmp_path, (2,))
     (tmp_path / "checkpoints" / "step_old").mkdir()
-    assert plan_start(_train_config(tmp_path)).checkpoint == only
+    assert plan_start(_run(tmp_path)).checkpoint == only
 
 
 def test_existing_run_is_refused_not_restarted(tmp_path, megatron_cpu):
     _save(tmp_path, (2,))
     with pytest.raises(ConfigError, match="already holds a run .* train.resume=False: resume it .*another "
                                           "train.output_dir"):
-        plan_start(_train_config(tmp_path, resume=False))
+        plan_start(_run(tmp_path, resume=False))
 
 
 def test_metrics_without_a_checkpoint_are_refused(tmp_path, megatron_cpu):
     (tmp_path / "metrics.jsonl").write_text('{"step": 10, "loss": 5.0}\n')
     with pytest.raises(ConfigError, match="metrics of an earlier run but no checkpoint"):
-        plan_start(_train_config(tmp_path))
+        plan_start(_run(tmp_path))
 
 
 def test_init_from_into_a_folder_of_another_run_is_refused(tmp_path, megatron_cpu):
     _save(tmp_path / "plain", (2,))
     with pytest.raises(ConfigError, match="train.init_from='hf/init'.*started from freshly initialised weights"):
-        plan_start(_train_config(tmp_path / "plain", init_from="hf/init"))
+        plan_start(_run(tmp_path / "plain", init_from="hf/init"))
     # The same init_from run, interrupted, resumes its own checkpoint (the path however spelled).
     (own,) = _save(tmp_path / "own", (2,), init_from="hf/init")
-    assert plan_start(_train_config(tmp_path / "own", init_from="hf/./init")).checkpoint == own
+    assert plan_start(_run(tmp_path / "own", init_from="hf/./init")).checkpoint == own
+
+
+def test_a_run_of_other_model_settings_is_refused_but_another_layout_resumes(tmp_path, megatron_cpu):
+    (saved,) = _save(tmp_path, (2,))
+    topk = _run(tmp_path)
+    topk.model["emo_router_mode"] = "topk"
+    with pytest.raises(ConfigError, match="other settings \\(model.emo_router_mode: checkpoint 'emo' vs run 'topk'\\)"):
+        plan_start(topk)
+    relaid = _run(tmp_path)
+    relaid.model["expert_model_parallel_size"] = 2
+    assert plan_start(relaid).checkpoint == saved
 
 
 def _command(output_dir, *overrides):

@@ -29,11 +29,11 @@ def check_boundaries(cu_seqlens: torch.Tensor, max_seqlen: int, batch: int, seq_
     """Raise ValueError unless ``cu_seqlens`` splits the ``b*s`` tokens into documents within
     rows, each at most ``max_seqlen`` long (the flash kernel would attend across rows, or skip
     the positions past ``max_seqlen``)."""
-    bounds = cu_seqlens.tolist()
-    row_starts = range(0, batch * seq_len, seq_len)
-    if bounds[0] != 0 or bounds[-1] != batch * seq_len or not set(row_starts) <= set(bounds):
+    row_starts = torch.arange(0, batch * seq_len, seq_len, device=cu_seqlens.device)
+    if (cu_seqlens[0] != 0 or cu_seqlens[-1] != batch * seq_len
+            or not torch.isin(row_starts, cu_seqlens).all()):
         raise ValueError(f"cu_seqlens must run from 0 to b*s = {batch * seq_len} and include every row start")
-    longest = max(end - start for start, end in zip(bounds, bounds[1:]))
+    longest = int(cu_seqlens.diff().max())
     if longest > max_seqlen:
         raise ValueError(f"max_seqlen {max_seqlen} is shorter than the longest document, {longest}")
 
