@@ -25,7 +25,8 @@ setup(
         "analysis": ["transformers>=5", "safetensors", "matplotlib", "scipy"],
         # The throughput benchmark's chart (tools/benchmark_throughput.py).
         "bench": ["matplotlib"],
-        "test": ["pytest", "transformers>=5", "safetensors", "matplotlib", "scipy"],
+        # The test command: the suite and the linter (ruff.toml).
+        "test": ["pytest", "ruff", "transformers>=5", "safetensors", "matplotlib", "scipy"],
     },
     entry_points={"console_scripts": ["emo-train=megatron_emo.train:main"]},
 )

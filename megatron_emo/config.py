@@ -1,4 +1,6 @@
-"""EmoConfig: megatron-core's TransformerConfig plus the EMO router fields, validated up front.
+"""EmoConfig: megatron-core's TransformerConfig plus the EMO router fields, checked up front by
+:func:`megatron_emo.validate.check_model`, and :func:`build_emo_config`, the one builder of a
+run's EmoConfig.
 
 Expert counting follows EMO: ``num_moe_experts`` counts all experts of a layer, of which the
 last ``emo_num_shared_experts`` are always on (weight 1.0) and the rest are routed;
@@ -6,27 +8,18 @@ last ``emo_num_shared_experts`` are always on (weight 1.0) and the rest are rout
 top-8, so 127 routed experts of which each token picks 7.
 """
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
+import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 from megatron.core.utils import init_method_normal
 
-ROUTER_MODES = ("emo", "topk")
-
 
 class ConfigError(ValueError):
     """A configuration that cannot work; the message names the field and the fix."""
-
-
-UNSUPPORTED_MEGATRON_OPTIONS = (
-    ("attention_dropout", 0.0, "the variable-length flash attention kernel has no dropout"),
-    ("mlp_chunks_for_prefill", 1, "the MoE layer needs the whole micro-batch's documents"),
-    ("fused_single_qkv_rope", False, "megatron-core does not fuse it with packed-sequence parameters"),
-    ("cuda_graph_impl", "none", "megatron-core's CUDA graphs exclude packed-sequence parameters"),
-)
-"""megatron-core fields that EMO's layers do not honour: (name, the one value that works, why)."""
 
 
 @dataclass(kw_only=True)
@@ -81,8 +74,11 @@ class EmoConfig(TransformerConfig):
         return self.moe_router_topk - self.emo_num_shared_experts
 
     def __post_init__(self):
+        # Imported here: the validator imports this module (ConfigError, the defaults).
+        from megatron_emo.validate import check_model
+
         # EMO's own rules first: they give clearer messages than megatron-core's generic checks.
-        self.validate_emo()
+        check_model(self)
         # EMO's gate is softmax, then top-k: what megatron-core calls pre-softmax routing.
         self.moe_router_pre_softmax = True
         if self.output_layer_init_method is None:
@@ -90,60 +86,31 @@ class EmoConfig(TransformerConfig):
             self.output_layer_init_method = init_method_normal(self.init_method_std)
         super().__post_init__()
 
-    def validate_emo(self) -> None:
-        """Raise ConfigError for the first EMO field that cannot work."""
-        if not self.gated_linear_unit or self.add_bias_linear:
-            raise ConfigError(
-                f"gated_linear_unit={self.gated_linear_unit}, add_bias_linear="
-                f"{self.add_bias_linear}: EMO's experts are gated (SwiGLU) and have no biases; "
-                "leave both at their defaults"
-            )
-        if self.emo_router_mode not in ROUTER_MODES:
-            raise ConfigError(
-                f"emo_router_mode={self.emo_router_mode!r} is unknown: use one of {ROUTER_MODES}"
-            )
-        if self.num_moe_experts is None or self.num_moe_experts < 1:
-            raise ConfigError(
-                f"num_moe_experts={self.num_moe_experts}: an EMO model needs experts in every "
-                "layer; set num_moe_experts (EMO: 128)"
-            )
-        if not 0 <= self.emo_num_shared_experts < self.num_moe_experts:
-            raise ConfigError(
-                f"emo_num_shared_experts={self.emo_num_shared_experts} must be in "
-                f"[0, num_moe_experts={self.num_moe_experts}): at least one expert must be routed; "
-                "lower emo_num_shared_experts (EMO: 1)"
-            )
-        if not 1 <= self.routed_topk <= self.num_routed_experts:
-            raise ConfigError(
-                f"moe_router_topk={self.moe_router_topk} leaves {self.routed_topk} routed choices "
-                f"per token (after {self.emo_num_shared_experts} shared); it must be in "
-                f"[1, {self.num_routed_experts}] routed experts: set moe_router_topk to between "
-                f"{self.emo_num_shared_experts + 1} and {self.num_moe_experts}"
-            )
-        if self.emo_pool_min > self.emo_pool_max:
-            raise ConfigError(
-                f"emo_pool_min={self.emo_pool_min} > emo_pool_max={self.emo_pool_max}: "
-                "lower emo_pool_min or raise emo_pool_max"
-            )
-        for name in ("emo_pool_min", "emo_eval_pool"):
-            pool = getattr(self, name)
-            if pool is not None and pool < self.routed_topk:
-                raise ConfigError(
-                    f"{name}={pool} is smaller than the routed top-k ({self.routed_topk} = "
-                    f"moe_router_topk {self.moe_router_topk} - emo_num_shared_experts "
-                    f"{self.emo_num_shared_experts}): a pool must hold every expert a token "
-                    f"picks; raise {name} to at least {self.routed_topk}"
-                )
-        if self.emo_vocab_size < 1:
-            raise ConfigError(f"emo_vocab_size={self.emo_vocab_size} must be positive")
-        if not 0 <= self.emo_eos_token_id < self.emo_vocab_size:
-            raise ConfigError(
-                f"emo_eos_token_id={self.emo_eos_token_id} is outside the vocabulary "
-                f"[0, {self.emo_vocab_size}): use the tokenizer's EOS id"
-            )
-        for name in ("emo_lb_loss_weight", "emo_z_loss_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
-        for name, supported, why in UNSUPPORTED_MEGATRON_OPTIONS:
-            if getattr(self, name) != supported:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not supported ({why}): leave it at {supported!r}")
+
+TOKENIZER_FIELDS = ("emo_vocab_size", "emo_eos_token_id")
+"""EmoConfig fields given by the tokenizer, never by a run's model section."""
+
+
+def _default(field: dataclasses.Field) -> Any:
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+MODEL_DEFAULTS: dict[str, Any] = {
+    field.name: _default(field) for field in dataclasses.fields(EmoConfig) if field.name not in TOKENIZER_FIELDS
+}
+"""Every field a run's model section may set, with EmoConfig's default."""
+
+
+def build_emo_config(model: Mapping[str, Any], *, vocab_size: int, eos_token_id: int, on_gpu: bool) -> EmoConfig:
+    """The EmoConfig of the model fields ``model`` (a run's model section) for the tokenizer's
+    vocabulary and EOS id and the device: bf16 on GPU and fp32 on the CPU unless ``model`` sets
+    ``bf16``. megatron-core's own checks raise ConfigError too."""
+    bf16 = model.get("bf16", on_gpu)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    fields = {"params_dtype": dtype, "pipeline_dtype": dtype, **model, "bf16": bf16}
+    try:
+        return EmoConfig(**fields, emo_vocab_size=vocab_size, emo_eos_token_id=eos_token_id)
+    except ConfigError:
+        raise
+    except (ValueError, AssertionError) as error:  # megatron-core's own checks (e.g. heads vs TP) raise both
+        raise ConfigError(f"model: {error}") from error

@@ -1,22 +1,48 @@
 """Run configurations: named recipes plus dotted command-line overrides.
 
-A run is a :class:`RunConfig`: ``model`` holds :class:`~megatron_emo.config.EmoConfig` fields
-(megatron-core's and EMO's), the other sections are small dataclasses. Recipes are functions
-returning a RunConfig; ``--set section.field=value`` overrides any field, checked against its
-type, and unknown names fail with the list of valid ones.
+A run is a :class:`RunConfig`: ``model`` is a :class:`ModelSettings`, the
+:class:`~megatron_emo.config.EmoConfig` fields the run sets (megatron-core's and EMO's); the
+other sections are small dataclasses. Recipes are functions returning a RunConfig;
+``--set section.field=value`` overrides any field, checked against its type, and unknown names
+fail with the list of valid ones. The rules a run is checked against: megatron_emo/validate.py.
 """
 
 import ast
 import dataclasses
-import difflib
-import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
-import torch
-
-from megatron_emo.config import ConfigError, EmoConfig
+from megatron_emo.config import MODEL_DEFAULTS, ConfigError, EmoConfig, build_emo_config
 from megatron_emo.data.tokenizer import padded_vocab_size
+from megatron_emo.validate import checked_value, did_you_mean, model_value
+
+
+class ModelSettings(dict):
+    """The model section: the EmoConfig fields a run sets, by name; the others keep EmoConfig's
+    defaults. Each name must be an EmoConfig field and each value of its field's type, checked
+    as it is set (:func:`megatron_emo.validate.model_value`), whether by a recipe, by
+    ``--set model.X=...`` or by a run_config.json read back. A dict rather than a dataclass of
+    EmoConfig's 250 fields, so that run_config.json holds what the run set and nothing else."""
+
+    def __init__(self, fields: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), /, **more: Any):
+        super().__init__()
+        self.update(fields, **more)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        super().__setitem__(name, model_value(self, name, value))
+
+    def update(self, fields: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), /, **more: Any) -> None:
+        for name, value in dict(fields, **more).items():
+            self[name] = value
+
+    def setdefault(self, name: str, value: Any = None) -> Any:
+        if name not in self:
+            self[name] = value
+        return self[name]
+
+    def __ior__(self, fields):
+        self.update(fields)
+        return self
 
 
 @dataclass(kw_only=True)
@@ -45,6 +71,7 @@ class DataConfig:
 @dataclass(kw_only=True)
 class GPTConfig:
     rotary_base: int = 500_000
+    """RoPE's base (EMO's)."""
     share_embeddings: bool = False
     make_vocab_size_divisible_by: int = 128
     """Pad the vocabulary to a multiple of this times the tensor-parallel size."""
@@ -114,34 +141,28 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class RunConfig:
     name: str
-    model: dict[str, Any]
+    model: ModelSettings
     data: DataConfig = field(default_factory=DataConfig)
     gpt: GPTConfig = field(default_factory=GPTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        # A plain dict (a recipe's, a run_config.json's) passes the model section's checks here.
+        self.model = ModelSettings(self.model)
+
     def model_vocab_size(self, tokenizer_vocab_size: int) -> int:
         """The model's vocabulary for a tokenizer's: padded to a multiple of
         ``gpt.make_vocab_size_divisible_by`` x TP (Megatron's convention), at least
         ``gpt.min_vocab_size``."""
-        tp = self.model.get("tensor_model_parallel_size", 1)
+        tp = self.model.get("tensor_model_parallel_size", MODEL_DEFAULTS["tensor_model_parallel_size"])
         return max(padded_vocab_size(tokenizer_vocab_size, self.gpt.make_vocab_size_divisible_by, tp),
                    self.gpt.min_vocab_size)
 
     def emo_config(self, *, vocab_size: int, eos_token_id: int, on_gpu: bool) -> EmoConfig:
-        """Build and validate the model config for the tokenizer's vocabulary and the device."""
-        bf16 = self.model.get("bf16", on_gpu)
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        # On GPU megatron-core's fused cross-entropy (compiled, no TransformerEngine needed)
-        # makes fewer passes over the fp32 logits; the CPU keeps the plain one.
-        gpu_defaults = {"cross_entropy_loss_fusion": True, "cross_entropy_fusion_impl": "native"} if on_gpu else {}
-        fields = {"params_dtype": dtype, "pipeline_dtype": dtype, **gpu_defaults, **self.model, "bf16": bf16}
-        try:
-            return EmoConfig(**fields, emo_vocab_size=vocab_size, emo_eos_token_id=eos_token_id)
-        except ConfigError:
-            raise
-        except ValueError as error:  # megatron-core's own checks (e.g. heads vs TP)
-            raise ConfigError(f"model: {error}") from error
+        """The model config for the tokenizer's vocabulary and EOS id and the device
+        (:func:`~megatron_emo.config.build_emo_config`)."""
+        return build_emo_config(self.model, vocab_size=vocab_size, eos_token_id=eos_token_id, on_gpu=on_gpu)
 
 
 _EMO_1B14B_MODEL = dict(
@@ -152,10 +173,9 @@ _EMO_1B14B_MODEL = dict(
     num_moe_experts=128,
     moe_router_topk=8,
     moe_ffn_hidden_size=1024,
-    emo_num_shared_experts=1,
-    emo_pool_min=8,
-    emo_pool_max=128,
-    emo_eval_pool=32,
+    # EMO's router settings are EmoConfig's defaults, written out so the recipe shows them.
+    **{name: MODEL_DEFAULTS[name] for name in ("emo_num_shared_experts", "emo_pool_min", "emo_pool_max",
+                                               "emo_eval_pool")},
 )
 
 
@@ -175,7 +195,7 @@ def tiny() -> RunConfig:
             emo_pool_min=4,
             emo_pool_max=16,
             emo_eval_pool=8,
-                                        ),
+        ),
         data=DataConfig(seq_length=256, micro_batch_size=8, global_batch_size=16),
         gpt=GPTConfig(rotary_base=10_000, make_vocab_size_divisible_by=64),
         optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=20),
@@ -262,23 +282,6 @@ def _parse_value(text: str) -> Any:
         return text  # a bare string such as emo_router_mode=topk
 
 
-def _check_type(dotted: str, value: Any, current: Any) -> Any:
-    if current is None or value is None:
-        return value
-    if isinstance(current, bool) != isinstance(value, bool):
-        raise ConfigError(f"{dotted}: expected a boolean like {current!r}, got {value!r}")
-    if isinstance(current, float) and isinstance(value, int):
-        return float(value)
-    if not isinstance(value, type(current)):
-        raise ConfigError(f"{dotted}: expected {type(current).__name__} like {current!r}, got {value!r}")
-    return value
-
-
-def _did_you_mean(name: str, valid: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, sorted(valid), n=3)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
-
-
 def apply_override(run: RunConfig, assignment: str) -> None:
     """Apply one ``section.field=value`` override in place."""
     dotted, sep, text = assignment.partition("=")
@@ -287,13 +290,7 @@ def apply_override(run: RunConfig, assignment: str) -> None:
         raise ConfigError(f"override {assignment!r} is not of the form section.field=value")
     value = _parse_value(text.strip())
     if section == "model":
-        valid = {f.name for f in dataclasses.fields(EmoConfig) if f.name not in ("emo_vocab_size", "emo_eos_token_id")}
-        if name not in valid:
-            raise ConfigError(f"model.{name} is not an EmoConfig field{_did_you_mean(name, valid)} "
-                              "(EMO's fields: megatron_emo/config.py; the rest are megatron-core's TransformerConfig)")
-        default = next(f.default for f in dataclasses.fields(EmoConfig) if f.name == name)
-        current = run.model.get(name, None if default is dataclasses.MISSING else default)
-        run.model[name] = _check_type(dotted, value, current)
+        run.model[name] = value  # checked by ModelSettings
         return
     sections = {f.name for f in dataclasses.fields(RunConfig) if f.name not in ("name", "model")}
     if section not in sections:
@@ -301,92 +298,5 @@ def apply_override(run: RunConfig, assignment: str) -> None:
     target = getattr(run, section)
     names = [f.name for f in dataclasses.fields(target)]
     if name not in names:
-        raise ConfigError(f"{section}.{name} does not exist{_did_you_mean(name, names)}: {section} has {names}")
-    setattr(target, name, _check_type(dotted, value, getattr(target, name)))
-
-
-def validate_run(run: RunConfig) -> None:
-    """Checks of the run sections (the model is checked when EmoConfig is built)."""
-    data, optim, train = run.data, run.optim, run.train
-    for entry in data.blend:
-        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], (int, float))
-                and entry[0] > 0 and isinstance(entry[1], str)):
-            raise ConfigError(
-                f"data.blend entry {entry!r} is not [weight > 0, 'dataset prefix'], e.g. "
-                "data.blend=[[0.7,'data/web'],[0.3,'data/code']]"
-            )
-    if data.blend and not data.tokenizer_model:
-        raise ConfigError("data.blend needs data.tokenizer_model, the tokenizer the datasets were made with")
-    if data.seq_length < 2:
-        raise ConfigError(f"data.seq_length={data.seq_length} must be at least 2")
-    if data.micro_batch_size < 1 or data.global_batch_size % data.micro_batch_size:
-        raise ConfigError(
-            f"data.global_batch_size={data.global_batch_size} must be a positive multiple of "
-            f"data.micro_batch_size={data.micro_batch_size}"
-        )
-    if train.steps < 1:
-        raise ConfigError(f"train.steps={train.steps} must be at least 1")
-    if not 0 <= optim.warmup_steps < train.steps:
-        raise ConfigError(
-            f"optim.warmup_steps={optim.warmup_steps} must be in [0, train.steps={train.steps}): "
-            "the learning rate must decay after the warm-up; lower optim.warmup_steps"
-        )
-    if optim.schedule not in ("cosine", "wsd"):
-        raise ConfigError(f"optim.schedule={optim.schedule!r} must be 'cosine' or 'wsd'")
-    if optim.schedule == "wsd" and not 0 < optim.anneal_steps <= train.steps - optim.warmup_steps:
-        raise ConfigError(
-            f"optim.anneal_steps={optim.anneal_steps} must be in [1, train.steps - optim.warmup_steps = "
-            f"{train.steps - optim.warmup_steps}] for the wsd schedule"
-        )
-    if not 0 <= optim.min_lr <= optim.lr:
-        raise ConfigError(f"optim.min_lr={optim.min_lr} must be in [0, optim.lr={optim.lr}]")
-    if train.save_interval < 1 or train.keep_last < 1 or train.keep_every < 0:
-        raise ConfigError(
-            f"train.save_interval={train.save_interval} and train.keep_last={train.keep_last} must "
-            f"be at least 1, train.keep_every={train.keep_every} at least 0"
-        )
-    if train.eval_interval < 0 or train.eval_samples < data.micro_batch_size:
-        raise ConfigError(
-            f"train.eval_interval={train.eval_interval} must be >= 0 and train.eval_samples="
-            f"{train.eval_samples} at least data.micro_batch_size={data.micro_batch_size}"
-        )
-    if train.nan_policy not in ("skip", "stop") or train.max_nan_skips < 0:
-        raise ConfigError(
-            f"train.nan_policy={train.nan_policy!r} must be 'skip' or 'stop' and "
-            f"train.max_nan_skips={train.max_nan_skips} at least 0"
-        )
-    if train.log_interval < 1:
-        raise ConfigError(f"train.log_interval={train.log_interval} must be at least 1")
-    if train.wandb_project is not None and not train.wandb_project:
-        raise ConfigError("train.wandb_project='' must name a Weights & Biases project, or be None (off)")
-    # Found (not imported) here, so a missing package fails before any work, on every rank.
-    if train.wandb_project is not None and importlib.util.find_spec("wandb") is None:
-        raise ConfigError(
-            f"train.wandb_project={train.wandb_project!r} needs the wandb package: pip install wandb "
-            "(or leave train.wandb_project=None)"
-        )
-
-
-DEMO_MAX_TRAIN_TOKENS = 100_000_000
-"""The demo corpus holds about 0.6M tokens: a run that plans more than this (some 170 passes
-over it) is a real pretraining run that was not given its data."""
-
-STAND_IN_EOS_ID = 3
-"""The EOS id of this package's tokenizers, for checking the model fields before a tokenizer
-is loaded."""
-
-
-def validate_training_run(run: RunConfig) -> None:
-    """Everything a training run is checked for before any work (``--print-config`` too): the run
-    sections, the model fields (with a stand-in vocabulary: the tokenizer is read later), and data
-    for the run's length."""
-    validate_run(run)
-    planned_tokens = run.train.steps * run.data.global_batch_size * run.data.seq_length
-    if not run.data.blend and planned_tokens > DEMO_MAX_TRAIN_TOKENS:
-        raise ConfigError(
-            f"data.blend is empty, so run {run.name!r} would train on the small demo corpus (about 0.6M tokens), "
-            f"but it plans {planned_tokens:.3g} tokens ({run.train.steps} steps of {run.data.global_batch_size} x "
-            f"{run.data.seq_length}): give it its data with data.blend and data.tokenizer_model (README: Data)"
-        )
-    run.emo_config(vocab_size=run.model_vocab_size(run.data.demo_vocab_size), eos_token_id=STAND_IN_EOS_ID,
-                   on_gpu=torch.cuda.is_available())
+        raise ConfigError(f"{section}.{name} does not exist{did_you_mean(name, names)}: {section} has {names}")
+    setattr(target, name, checked_value(f"{section}.{name}", value, getattr(target, name)))

@@ -25,16 +25,17 @@ from megatron_emo.logs import add_verbose_argument, configure_cli_logging, quiet
 
 quiet_megatron_warnings()  # before megatron-core is imported below
 
-from megatron_emo.config import ConfigError
-from megatron_emo.data.indexed import DatasetError
-from megatron_emo.training.checkpoint import CheckpointError
-from megatron_emo.training.guards import NonFiniteStep
+from megatron_emo.checkpoint.store import CheckpointError  # noqa: E402
+from megatron_emo.config import ConfigError  # noqa: E402  (imports megatron-core)
+from megatron_emo.data.indexed import DatasetError  # noqa: E402
+from megatron_emo.recipes import RECIPES, resolve_run  # noqa: E402
+from megatron_emo.training.guards import NonFiniteStep  # noqa: E402
+from megatron_emo.validate import validate_training_run  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 """A bad setting, dataset, tokenizer or checkpoint: nothing was trained."""
 EXIT_NON_FINITE = 3
 """Stopped on non-finite losses or gradients, after saving the last good state."""
-from megatron_emo.recipes import RECIPES, resolve_run, validate_training_run
 
 
 def parse_args(argv=None):

@@ -1,9 +1,12 @@
-"""EmoConfig validation (megatron_emo.config): every bad EMO field fails up front, by name."""
+"""EmoConfig (megatron_emo.config): expert counting, and the one builder of a run's config."""
 
 import pytest
+import torch
 
-from megatron_emo.config import ConfigError
-from tests.conftest import make_config
+from megatron_emo.config import MODEL_DEFAULTS, TOKENIZER_FIELDS, ConfigError, build_emo_config
+from tests.conftest import SMALL_CONFIG, make_config
+
+RUN_MODEL = {name: value for name, value in SMALL_CONFIG.items() if name not in TOKENIZER_FIELDS}
 
 
 def test_valid_config_counts_routed_experts():
@@ -30,34 +33,6 @@ def test_eval_pool_none_and_topk_mode_are_valid():
     assert make_config(emo_router_mode="topk").emo_router_mode == "topk"
 
 
-@pytest.mark.parametrize(
-    "overrides, field",
-    [
-        (dict(emo_pool_min=9, emo_pool_max=8), "emo_pool_min"),
-        (dict(emo_pool_min=1), "emo_pool_min"),  # routed top-k is 2
-        (dict(emo_eval_pool=1), "emo_eval_pool"),
-        (dict(emo_eos_token_id=-1), "emo_eos_token_id"),
-        (dict(emo_eos_token_id=64), "emo_eos_token_id"),  # vocabulary is 64
-        (dict(emo_num_shared_experts=9), "emo_num_shared_experts"),
-        (dict(emo_num_shared_experts=12), "emo_num_shared_experts"),
-        (dict(emo_num_shared_experts=-1), "emo_num_shared_experts"),
-        (dict(moe_router_topk=1), "moe_router_topk"),  # 1 shared: zero routed choices
-        (dict(moe_router_topk=10), "moe_router_topk"),  # 9 routed choices > 8 routed experts
-        (dict(emo_router_mode="standard"), "emo_router_mode"),
-        (dict(num_moe_experts=None), "num_moe_experts"),
-        (dict(num_moe_experts=0), "num_moe_experts"),
-        (dict(emo_lb_loss_weight=-0.1), "emo_lb_loss_weight"),
-        (dict(emo_z_loss_weight=-1e-3), "emo_z_loss_weight"),
-        (dict(emo_vocab_size=0, emo_eos_token_id=0), "emo_vocab_size"),
-    ],
-)
-def test_bad_config_names_the_field(overrides, field):
-    with pytest.raises(ConfigError) as excinfo:
-        make_config(**overrides)
-    # The message leads with the offending field and its value.
-    assert str(excinfo.value).startswith(f"{field}="), str(excinfo.value)
-
-
 def test_config_error_is_a_value_error():
     with pytest.raises(ValueError):
         make_config(emo_pool_min=100)
@@ -70,3 +45,26 @@ def test_pool_max_above_routed_experts_is_valid():
 
 def test_eval_pool_equal_to_topk_is_valid():
     assert make_config(emo_eval_pool=2, emo_pool_min=2).emo_eval_pool == 2
+
+
+def test_model_defaults_are_the_run_settable_fields():
+    assert MODEL_DEFAULTS["emo_pool_min"] == 8 and MODEL_DEFAULTS["normalization"] == "RMSNorm"
+    assert not set(TOKENIZER_FIELDS) & set(MODEL_DEFAULTS)
+
+
+@pytest.mark.parametrize("on_gpu, dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_builder_picks_the_precision_of_the_device(on_gpu, dtype):
+    config = build_emo_config(RUN_MODEL, vocab_size=64, eos_token_id=2, on_gpu=on_gpu)
+    assert (config.bf16, config.params_dtype, config.pipeline_dtype) == (on_gpu, dtype, dtype)
+    assert (config.emo_vocab_size, config.emo_eos_token_id) == (64, 2)
+    # The model section's bf16 wins over the device's.
+    fp32 = build_emo_config({**RUN_MODEL, "bf16": False}, vocab_size=64, eos_token_id=2, on_gpu=True)
+    assert fp32.params_dtype == torch.float32
+
+
+def test_megatron_cores_own_checks_become_config_errors():
+    with pytest.raises(
+        ConfigError,
+        match=r"model: num_attention_heads \(2\) must be a multiple of tensor_model_parallel_size \(3\)",
+    ):
+        build_emo_config({**RUN_MODEL, "tensor_model_parallel_size": 3}, vocab_size=64, eos_token_id=2, on_gpu=False)

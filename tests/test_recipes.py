@@ -1,7 +1,11 @@
+import dataclasses
+import json
+
 import pytest
 
 from megatron_emo.config import ConfigError
-from megatron_emo.recipes import RECIPES, apply_override, get_recipe, validate_run
+from megatron_emo.recipes import RECIPES, ModelSettings, RunConfig, apply_override, get_recipe
+from megatron_emo.validate import validate_run
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -53,19 +57,28 @@ def test_unknown_recipe():
         get_recipe("huge")
 
 
-@pytest.mark.parametrize(
-    "assignment, message",
-    [
-        ("data.global_batch_size=12", "global_batch_size"),
-        ("optim.min_lr=1.0", "min_lr"),
-        ("train.steps=0", "train.steps"),
-    ],
-)
-def test_run_validation(assignment, message):
-    run = get_recipe("tiny")
-    apply_override(run, assignment)
-    with pytest.raises(ConfigError, match=message):
-        validate_run(run)
+def test_model_section_checks_names_and_types_however_it_is_set():
+    with pytest.raises(ConfigError, match=r"model.num_layer is not an EmoConfig field \(did you mean num_layers"):
+        RunConfig(name="x", model=dict(num_layer=2))
+    model = ModelSettings(num_layers=2)
+    with pytest.raises(ConfigError, match="model.hidden_size: expected int"):
+        model.update(hidden_size="wide")
+    with pytest.raises(ConfigError, match="model.emo_pool_max"):
+        model |= {"emo_pool_max": 1.5}
+    with pytest.raises(ConfigError, match="model.bf16: expected a boolean"):
+        model.setdefault("bf16", 1)
+    model["init_method_std"] = 1  # an int where a float is expected is fine
+    assert model == {"num_layers": 2, "init_method_std": 1.0}
+
+
+def test_model_section_round_trips_through_run_config_json():
+    run = get_recipe("stdmoe_1b14b")
+    saved = json.loads(json.dumps(dataclasses.asdict(run), default=str))
+    # Only the fields the run set, as a flat mapping.
+    assert saved["model"] == dict(run.model) and "hidden_dropout" not in saved["model"]
+    back = RunConfig(name=saved["name"], model=saved["model"])
+    assert isinstance(back.model, ModelSettings) and back.model == run.model
+    assert isinstance(dataclasses.replace(run, model={"num_layers": 1}).model, ModelSettings)
 
 
 def test_wsd_schedule_is_constant_then_linear_to_min_lr():
@@ -88,10 +101,3 @@ def test_wsd_schedule_is_constant_then_linear_to_min_lr():
     assert lrs[0] == 0.0 and lrs[2:7] == [lr] * 5
     assert lrs[6] > lrs[7] > lrs[8] > lrs[9] > lrs[10] and abs(lrs[10] - min_lr) < 1e-12
     assert abs(lrs[8] - (min_lr + (lr - min_lr) * 0.5)) < 1e-12  # linear: halfway at half the anneal
-
-
-def test_wsd_needs_anneal_steps():
-    run = get_recipe("tiny")
-    apply_override(run, "optim.schedule='wsd'")
-    with pytest.raises(ConfigError, match="anneal_steps"):
-        validate_run(run)

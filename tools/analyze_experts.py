@@ -106,7 +106,8 @@ def main(argv=None) -> int:
           f"{'distinct experts/doc':>20s}")
     for domain in usage.domains:
         print(f"{domain:10s} {summary['tokens'][domain]:7d} {summary['documents'][domain]:9d} "
-              f"{summary['top_share_mean'][domain]:15.3f} {summary['distinct_experts_per_document_mean'][domain]:20.2f}")
+              f"{summary['top_share_mean'][domain]:15.3f} "
+              f"{summary['distinct_experts_per_document_mean'][domain]:20.2f}")
     print(f"wrote {output / 'experts.json'} and {output / 'experts.png'}")
     return 0
 

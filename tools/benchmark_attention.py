@@ -138,7 +138,7 @@ def main(argv=None) -> int:
 
     records = []
     for name, fn in cases(ids).items():
-        def step():
+        def step(fn=fn):
             fn(*qkv).float().square().mean().backward()
 
         step()  # compile and warm up

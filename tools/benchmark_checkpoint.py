@@ -26,14 +26,14 @@ quiet_megatron_warnings()
 import torch  # noqa: E402
 
 from megatron_emo.benchmark.cases import CASES, init_weights  # noqa: E402
+from megatron_emo.checkpoint.store import CheckpointSaver, find_latest, load_checkpoint  # noqa: E402
 from megatron_emo.config import ConfigError  # noqa: E402
-from megatron_emo.recipes import resolve_run, validate_run  # noqa: E402
-from megatron_emo.training.checkpoint import CheckpointSaver, find_latest, load_checkpoint  # noqa: E402
+from megatron_emo.recipes import resolve_run  # noqa: E402
 from megatron_emo.training.cpu_mode import megatron_device  # noqa: E402
 from megatron_emo.training.distributed import init_model_parallel, init_process_group, shutdown_distributed  # noqa: E402
-from megatron_emo.training.loop import wrap_for_gpu  # noqa: E402
 from megatron_emo.training.metrics import run_info  # noqa: E402
-from megatron_emo.training.optimizer import cpu_stepper, gpu_stepper  # noqa: E402
+from megatron_emo.training.step import BatchShape, build_trainer  # noqa: E402
+from megatron_emo.validate import validate_run  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
@@ -67,31 +67,24 @@ def measure(run, vocab_size: int, directory: Path, repeats: int, async_save: boo
     runtime = init_model_parallel(run.emo_config(vocab_size=vocab_size, eos_token_id=2, on_gpu=on_gpu),
                                   seed=run.train.seed)
     model, config = CASES["emo"].build(run, vocab_size, 2, on_gpu)
-    gpt_model = model
-    if on_gpu:
-        model = wrap_for_gpu(model, config)
-        init_weights(model, config.init_method_std)
-        stepper = gpu_stepper(model, config, run.optim, run.train.steps)
-    else:
-        init_weights(model, config.init_method_std)
-        stepper = cpu_stepper(model, run.optim, run.train.steps)
-        for param in model.parameters():
-            param.grad = torch.zeros_like(param)
-    stepper.step()  # every optimizer moment exists from here on
+    init_weights(model, config.init_method_std)
+    shape = BatchShape(run.data.seq_length, run.data.micro_batch_size, num_microbatches=1)
+    trainer = build_trainer(model, config, run.optim, shape, total_steps=run.train.steps, device=runtime.device)
+    trainer.update()  # every optimizer moment exists from here on (the gradients are zero)
+    gpt_model, optimizer, scheduler = model, trainer.optimizer, trainer.scheduler
     saver = CheckpointSaver(directory, run=run, asynchronous=async_save)
     saves, publishes, loads = [], [], []
     for repeat in range(repeats):
         if runtime.on_gpu:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        saver.save(repeat + 1, model=gpt_model, optimizer=stepper.optimizer, scheduler=stepper.scheduler)
+        saver.save(repeat + 1, model=gpt_model, optimizer=optimizer, scheduler=scheduler)
         saves.append(time.perf_counter() - started)
         saver.wait()
         publishes.append(time.perf_counter() - started)
         path = find_latest(directory)
         started = time.perf_counter()
-        load_checkpoint(path, model=gpt_model, optimizer=stepper.optimizer,
-                        scheduler=stepper.scheduler)
+        load_checkpoint(path, model=gpt_model, optimizer=optimizer, scheduler=scheduler)
         if runtime.on_gpu:
             torch.cuda.synchronize()
         loads.append(time.perf_counter() - started)

@@ -21,6 +21,8 @@ documents per row, 127 routed top-7 + 1 shared expert, d 2048, FFN 1024, bf16, t
 Times are medians in ms (triton.testing.do_bench, L2 flushed between runs).
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -62,6 +64,22 @@ def _ffn_inputs(load, rows, experts, hidden, ffn):
     )
 
 
+def _ffn_impls(sizes, dense_fc1, dense_fc2):
+    """name -> ``fn(x, fc1, fc2)`` on these group sizes; ``dense`` uses its own weights instead."""
+    from megatron_emo.kernels.grouped_gemm import grouped_swiglu_ffn, reference
+
+    return {
+        "triton": (lambda a, b, c: grouped_swiglu_ffn(a, b, c, sizes)),
+        "torch_grouped_mm": (lambda a, b, c: torch_grouped_swiglu_ffn(a, b, c, sizes)),
+        "per_expert_loop": (lambda a, b, c: reference.grouped_swiglu_ffn(a, b, c, sizes)),
+        "dense": (lambda a, b, c: dense_swiglu_ffn(a, dense_fc1, dense_fc2)),
+    }
+
+
+def _forward_backward(fn, inputs, grad):
+    fn(*inputs).backward(grad)
+
+
 def _kernel_stages(x, fc1, fc2, group_sizes, grad):
     """name -> (closure, FLOPs) for each launch of the triton FFN, forward then backward."""
     from megatron_emo.kernels.grouped_gemm import triton_impl as t
@@ -83,8 +101,6 @@ def _kernel_stages(x, fc1, fc2, group_sizes, grad):
 
 
 def bench_grouped_gemm(args, env):
-    from megatron_emo.kernels.grouped_gemm import grouped_swiglu_ffn, reference
-
     rows, experts, hidden, ffn = args.rows, args.experts, args.hidden, args.ffn
     fwd_flops = 6 * rows * hidden * ffn
     records = []
@@ -93,12 +109,7 @@ def bench_grouped_gemm(args, env):
         x, fc1, fc2, sizes, grad = (data[k] for k in ("x", "fc1", "fc2", "group_sizes", "grad"))
         dense_fc1 = fc1[0].clone().requires_grad_(True)
         dense_fc2 = fc2[0].clone().requires_grad_(True)
-        impls = {
-            "triton": (lambda a, b, c: grouped_swiglu_ffn(a, b, c, sizes)),
-            "torch_grouped_mm": (lambda a, b, c: torch_grouped_swiglu_ffn(a, b, c, sizes)),
-            "per_expert_loop": (lambda a, b, c: reference.grouped_swiglu_ffn(a, b, c, sizes)),
-            "dense": (lambda a, b, c: dense_swiglu_ffn(a, dense_fc1, dense_fc2)),
-        }
+        impls = _ffn_impls(sizes, dense_fc1, dense_fc2)
         leaves = [t.clone().requires_grad_(True) for t in (x, fc1, fc2)]
         with torch.no_grad():
             base = impls["torch_grouped_mm"](x, fc1, fc2).float()
@@ -112,11 +123,11 @@ def bench_grouped_gemm(args, env):
             for pass_name in ("fwd", "fwd+bwd"):
                 if pass_name == "fwd":
                     with torch.no_grad():
-                        ms = _bench(lambda: fn(x, fc1, fc2))
+                        ms = _bench(functools.partial(fn, x, fc1, fc2))
                     flops = fwd_flops
                 else:
                     params = leaves if name != "dense" else [leaves[0], dense_fc1, dense_fc2]
-                    ms = _bench(lambda: fn(*leaves).backward(grad), params)
+                    ms = _bench(functools.partial(_forward_backward, fn, leaves, grad), params)
                     flops = 3 * fwd_flops
                 records.append(dict(benchmark="grouped_gemm", impl=name, **{"pass": pass_name},
                                     ms=ms, tflops=flops / ms / 1e9, shape=shape,
@@ -168,9 +179,9 @@ def _emo_layer(batch, seq, docs_per_row):
 
 
 def bench_moe_layer(args, env):
+    from megatron_emo.experts import routed
     from megatron_emo.kernels.permutation import reference as permutation_reference
     from megatron_emo.model import moe_layer
-    from megatron_emo.experts import routed
 
     layer, config, hidden, docs = _emo_layer(args.batch, args.seq, args.docs_per_row)
     grad = torch.randn_like(hidden)

@@ -9,7 +9,7 @@ two in tools/benchmark_grouped_gemm.py).
 At the EMO shape (B=4, S=4096, ~31 documents per row, E=127 routed experts, top-7, fp32 logits,
 training pools uniform on 8..128 as EMO draws them), in one run:
 - ``triton``: megatron_emo.kernels.routing.route, the fused kernels;
-- ``reference``: the vectorised PyTorch reference (megatron_emo.routing.reference.route);
+- ``reference``: the vectorised PyTorch reference (megatron_emo.kernels.routing.reference.route);
 - ``plain_topk``: softmax + top-k with no pool, what a standard MoE router costs;
 - ``per_document_loop``: a Python loop over rows and documents with host syncs, in the style of
   the original EMO implementation (written here, not part of the package).
@@ -30,6 +30,7 @@ import sys
 import torch
 
 from megatron_emo.benchmark.synthetic import cut_into_documents
+from megatron_emo.kernels.routing.segments import segment_ordinals
 from megatron_emo.logs import add_verbose_argument, configure_cli_logging
 
 EOS = 2
@@ -49,7 +50,7 @@ def emo_batch(batch, seq, docs_per_row, num_experts, pool_min, pool_max, seed):
         cut_into_documents(row, docs_per_row, EOS, gen)
     starts = input_ids == EOS
     starts[:, 0] = True  # every row starts a segment; a new one at each later EOS
-    segment_ids = starts.flatten().cumsum(0) - 1
+    segment_ids = segment_ordinals(starts.flatten())
     num_segments = int(segment_ids[-1]) + 1
     pool_sizes = torch.zeros(batch * seq, dtype=torch.int64)
     pool_sizes[:num_segments] = torch.randint(
@@ -94,8 +95,7 @@ def per_document_loop_route(logits, input_ids, pool_sizes, topk):
 
 def implementations(data, topk):
     """name -> function(logits) returning (weights, indices, probs, lse)."""
-    from megatron_emo.kernels.routing import route
-    from megatron_emo.routing import reference
+    from megatron_emo.kernels.routing import reference, route
 
     seg, pools = data["segment_ids"], data["pool_sizes"]
 

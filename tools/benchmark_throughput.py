@@ -42,8 +42,8 @@ from megatron_emo.logs import add_verbose_argument, configure_cli_logging, quiet
 quiet_megatron_warnings()
 
 import torch  # noqa: E402
-
 from loop_router import per_document_loop_route  # noqa: E402  (tools/, next to this file)
+
 from megatron_emo.benchmark import report  # noqa: E402
 from megatron_emo.benchmark.cases import CASES, Case, emo_model  # noqa: E402
 from megatron_emo.benchmark.runner import run_case  # noqa: E402
@@ -51,13 +51,14 @@ from megatron_emo.benchmark.synthetic import SyntheticDocuments  # noqa: E402
 from megatron_emo.config import ConfigError  # noqa: E402
 from megatron_emo.data.gpt_data import build_train_dataset  # noqa: E402
 from megatron_emo.data.indexed import DatasetError  # noqa: E402
-from megatron_emo.recipes import resolve_run, validate_run  # noqa: E402
+from megatron_emo.recipes import resolve_run  # noqa: E402
 from megatron_emo.routing import router  # noqa: E402
 from megatron_emo.training.cpu_mode import megatron_device  # noqa: E402
 from megatron_emo.training.distributed import init_model_parallel, init_process_group, shutdown_distributed  # noqa: E402
 from megatron_emo.training.flops import PEAK_BF16_TFLOPS  # noqa: E402
 from megatron_emo.training.loop import resolve_data  # noqa: E402
 from megatron_emo.training.metrics import run_info  # noqa: E402
+from megatron_emo.validate import validate_run  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 

@@ -41,23 +41,21 @@ def parse_args(argv=None):
 
 def model_overrides(recipe_model: dict, imported_model: dict) -> dict:
     """The imported model fields that differ from the recipe's (or from EmoConfig's defaults)."""
-    import dataclasses
+    from megatron_emo.config import MODEL_DEFAULTS
 
-    from megatron_emo.config import EmoConfig
-
-    defaults = {f.name: f.default for f in dataclasses.fields(EmoConfig)}
-    return {name: value for name, value in imported_model.items() if recipe_model.get(name, defaults.get(name)) != value}
+    return {name: value for name, value in imported_model.items()
+            if recipe_model.get(name, MODEL_DEFAULTS[name]) != value}
 
 
 def convert(args) -> list[str]:
     """Write the checkpoint; return the ``--set`` overrides to train from it."""
     from transformers import AutoConfig, Qwen2MoeConfig
 
+    from megatron_emo.checkpoint.store import write_weights_checkpoint
     from megatron_emo.convert import hf_folder
     from megatron_emo.convert.emo_layout import from_emo_layout, qwen_config_from_emo
     from megatron_emo.convert.qwen2_moe import from_hf_config, from_hf_state_dict
     from megatron_emo.recipes import get_recipe
-    from megatron_emo.training.checkpoint import write_weights_checkpoint
     from megatron_emo.training.cpu_mode import megatron_device
     from megatron_emo.training.distributed import process_group
 
@@ -81,7 +79,7 @@ def convert(args) -> list[str]:
     state = from_hf_state_dict(tensors, config, imported.gpt)
     run = get_recipe(args.recipe)
     overrides = {f"model.{k}": v for k, v in model_overrides(run.model, imported.model).items()}
-    gpt = {"gpt.rotary_base": int(imported.gpt.rotary_base), "gpt.share_embeddings": imported.gpt.share_embeddings}
+    gpt = {"gpt.rotary_base": imported.gpt.rotary_base, "gpt.share_embeddings": imported.gpt.share_embeddings}
     overrides.update({k: v for k, v in gpt.items() if getattr(run.gpt, k.split(".")[1]) != v})
     run.model.update(imported.model)
     run.gpt.rotary_base, run.gpt.share_embeddings = gpt["gpt.rotary_base"], gpt["gpt.share_embeddings"]
@@ -120,11 +118,12 @@ def _run_folder_for(init: Path) -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_cli_logging(args.verbose)
+    from megatron_emo.config import ConfigError
     from megatron_emo.convert.qwen2_moe import ConversionError
 
     try:
         sets = convert(args)
-    except (ConversionError, FileNotFoundError, FileExistsError) as error:
+    except (ConversionError, ConfigError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"wrote {args.output}; train from it with:")

@@ -126,7 +126,8 @@ def check_output(output: Path, checkpoint: Path, *, force: bool) -> None:
                           "another --output")
     if "emo_metadata" not in _json_or_empty(output / "config.json"):
         raise OutputError(f"refusing to replace {output}: its config.json is missing or has no emo_metadata, so it "
-                          "is not an earlier export of this tool (--force replaces only those); choose another --output")
+                          "is not an earlier export of this tool (--force replaces only those); choose another "
+                          "--output")
 
 
 def _json_or_empty(path: Path) -> dict:
@@ -141,8 +142,8 @@ def export(args) -> Path:
     from megatron_emo.convert.emo_layout import rewrite_folder_as_emo
     from megatron_emo.convert.hf_tokenizer import export_tokenizer
     from megatron_emo.convert.megatron_checkpoint import find_tokenizer, load_checkpoint_for_export, resolve_checkpoint
-    from megatron_emo.files import replace_folder
     from megatron_emo.data.tokenizer import Tokenizer
+    from megatron_emo.files import replace_folder
 
     output = Path(args.output)
     start = time.time()
@@ -181,7 +182,8 @@ def export(args) -> Path:
     size = sum(p.stat().st_size for p in output.glob("*.safetensors"))
     print(f"exported {checkpoint.path} (step {checkpoint.step}, run {checkpoint.run.name!r}) to {output} "
           f"in {time.time() - start:.1f} s")
-    print(f"  {'EmoForCausalLM layout' if args.layout == 'emo' else 'Qwen2MoeForCausalLM'}: {config.num_layers} layers, hidden {config.hidden_size}, "
+    architecture = "EmoForCausalLM layout" if args.layout == "emo" else "Qwen2MoeForCausalLM"
+    print(f"  {architecture}: {config.num_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_routed_experts} routed + {config.emo_num_shared_experts} shared experts, "
           f"top-{config.routed_topk} routed + {config.emo_num_shared_experts} shared "
           f"(top-{config.moe_router_topk} with the shared expert), vocab {vocab} (tokenizer {tokenizer.vocab_size}), "
@@ -198,10 +200,10 @@ def export(args) -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_cli_logging(args.verbose)
+    from megatron_emo.checkpoint.store import CheckpointError
     from megatron_emo.config import ConfigError
     from megatron_emo.convert.hf_tokenizer import TokenizerExportError
     from megatron_emo.convert.qwen2_moe import ConversionError
-    from megatron_emo.training.checkpoint import CheckpointError
 
     try:
         if args.checkpoint is not None:

@@ -7,7 +7,7 @@ activations (without recomputation, selective, full), for every pipeline stage.
         --set model.sequence_parallel=True --set model.expert_model_parallel_size=8 --json
 
 ``--set`` takes the same overrides as ``python -m megatron_emo.train``. The formulas are in
-megatron_emo/parallel/memory.py. A layout that cannot run, or does not fit GPUs of
+megatron_emo/memory.py. A layout that cannot run, or does not fit GPUs of
 ``--gpu-memory-gib`` keeping ``--reserve-gib`` free (CUDA context, NCCL buffers, allocator
 fragmentation), is refused with the reason.
 
@@ -23,10 +23,10 @@ from megatron_emo.logs import add_verbose_argument, configure_cli_logging, quiet
 
 quiet_megatron_warnings()
 
-from megatron_emo.config import ConfigError
-from megatron_emo.data.indexed import DatasetError
-from megatron_emo.parallel.memory import GiB, RECOMPUTE_SETTINGS, estimate_memory
-from megatron_emo.recipes import RECIPES, resolve_run
+from megatron_emo.config import ConfigError  # noqa: E402  (imports megatron-core)
+from megatron_emo.data.indexed import DatasetError  # noqa: E402
+from megatron_emo.memory import RECOMPUTE_SETTINGS, GiB, estimate_memory  # noqa: E402
+from megatron_emo.recipes import RECIPES, resolve_run  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_DOES_NOT_FIT = 3

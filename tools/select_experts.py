@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, OSError, ConversionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"wrote {args.output}: {keep} of {model.config.num_experts} routed experts per layer ({args.method}) + shared")
+    print(f"wrote {args.output}: {keep} of {model.config.num_experts} routed experts per layer "
+          f"({args.method}) + shared")
     return 0
 
 

@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+from megatron_emo.kernels.permutation import tokens_per_expert
+
 logger = logging.getLogger(__name__)
 
 
@@ -66,7 +68,7 @@ class UsageAccumulator:
         for layer, logits in enumerate(router_logits):
             probs = torch.softmax(logits.detach().double().cpu(), dim=-1)
             top = torch.topk(probs, self.top_k, dim=-1).indices  # as the HF gate: top-k of the softmax
-            counts = torch.bincount(top.flatten(), minlength=probs.shape[-1]).double()
+            counts = tokens_per_expert(top, probs.shape[-1]).double()
             self.selections[layer, d] += counts
             self.probability[layer, d] += probs.sum(0)
             distinct.append(int((counts > 0).sum()))
@@ -74,8 +76,10 @@ class UsageAccumulator:
         self.distinct[d].append(torch.tensor(distinct, device="cpu"))
 
     def result(self) -> ExpertUsage:
-        distinct = [torch.stack(docs) if docs else torch.zeros(0, self.selections.shape[0], dtype=torch.int64, device="cpu")
-                    for docs in self.distinct]
+        distinct = [
+            torch.stack(docs) if docs else torch.zeros(0, self.selections.shape[0], dtype=torch.int64, device="cpu")
+            for docs in self.distinct
+        ]
         return ExpertUsage(self.domains, self.top_k, self.selections, self.probability, self.tokens, distinct)
 
 

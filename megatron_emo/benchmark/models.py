@@ -27,7 +27,6 @@ from megatron_emo.config import EmoConfig
 from megatron_emo.model.norm import RMSNorm
 from megatron_emo.model.spec import emo_layer_spec
 
-
 HAVE_TE = moe_utils.HAVE_TE
 
 

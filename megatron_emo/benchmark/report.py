@@ -12,6 +12,8 @@ TARGETS = (
 )
 MFU_TARGET = 0.40
 EXPLAINED_TARGET = 0.90
+OPTIMIZER_TARGET = 1 / 1.5
+"""The optimizer step within 1.5x the time its bytes take at the measured copy bandwidth."""
 HEADERS = {"embedding": "embed", "attention": "attn", "shared_expert": "shared", "optimizer": "optim"}
 """Table headers of the components whose names are too wide for a column."""
 
@@ -46,7 +48,8 @@ def targets(records: list[dict]) -> list[dict]:
         results.append(dict(target=name, at_least=minimum, value=value, met=None if value is None else value >= minimum,
                             meaning=meaning))
     mfu = emo.get("mfu") if emo else None
-    results.append(dict(target="emo MFU", at_least=MFU_TARGET, value=mfu, met=None if mfu is None else mfu >= MFU_TARGET,
+    results.append(dict(target="emo MFU", at_least=MFU_TARGET, value=mfu,
+                        met=None if mfu is None else mfu >= MFU_TARGET,
                         meaning="honest model FLOPs over the GPU's bf16 peak"))
     explained = None
     if emo and emo.get("breakdown_step_ms"):
@@ -54,6 +57,12 @@ def targets(records: list[dict]) -> list[dict]:
     results.append(dict(target="emo step share outside other", at_least=EXPLAINED_TARGET, value=explained,
                         met=None if explained is None else explained >= EXPLAINED_TARGET,
                         meaning="the profile names where the step goes (other <= 10%)"))
+    optimizer = None
+    if emo and emo.get("optimizer_memory_bound_ms") and emo.get("breakdown_ms"):
+        optimizer = emo["optimizer_memory_bound_ms"] / emo["breakdown_ms"]["optimizer"]
+    results.append(dict(target="emo optimizer memory-bound / measured ms", at_least=OPTIMIZER_TARGET, value=optimizer,
+                        met=None if optimizer is None else optimizer >= OPTIMIZER_TARGET,
+                        meaning="the optimizer step within 1.5x its bytes at the copy bandwidth"))
     return results
 
 

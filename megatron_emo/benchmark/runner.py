@@ -1,10 +1,10 @@
 """One benchmark case: build, train W warm-up and N timed steps, then the time breakdown (and
 on the GPU one profiled step for the GPU's idle time).
 
-A step is the trainer's (megatron_emo.training.loop): megatron-core's forward/backward schedule
-over the step's micro-batches, the loss reduced on the host, the optimizer (megatron-core's with
-fp32 main weights on the GPU, torch AdamW on the CPU) and the schedule. Throughput counts the
-timed steps only, from a synchronised start to a synchronised end.
+A step is the trainer's (megatron_emo.training.step): megatron-core's forward/backward schedule
+over the step's micro-batches, the loss reduced on the host, megatron-core's distributed
+optimizer and the schedule. Throughput counts the timed steps only, from a synchronised start to
+a synchronised end.
 """
 
 import contextlib
@@ -16,19 +16,18 @@ import time
 import traceback
 
 import torch
-from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
+from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
 from megatron_emo import logs
 from megatron_emo.benchmark.cases import Case, init_weights
+from megatron_emo.benchmark.memory_bound import copy_bandwidth, optimizer_memory_bound_ms
 from megatron_emo.benchmark.timeline import Timeline, gpu_time, instrument
 from megatron_emo.model.document_batch import DocumentBatch
-from megatron_emo.parallel.grads import finalize_cpu_grads
 from megatron_emo.recipes import RunConfig
 from megatron_emo.training.distributed import Runtime
 from megatron_emo.training.flops import forward_flops_per_token, peak_tflops
-from megatron_emo.training.loop import forward_backward_step, mean_loss, wrap_for_gpu
-from megatron_emo.training.optimizer import cpu_stepper, gpu_stepper
+from megatron_emo.training.loop import microbatches
+from megatron_emo.training.step import BatchShape, build_trainer
 
 
 class _PathLog(logging.Handler):
@@ -57,32 +56,20 @@ def _measure(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_siz
              warmup: int, steps: int, profile_steps: int, progress) -> dict:
     model, config = case.build(run, vocab_size, eos_id, runtime.on_gpu)
     num_params = sum(p.numel() for p in model.parameters())
-    # As the trainer sets them up (megatron_emo.training.loop), weights drawn before the
-    # optimizer copies them.
-    if runtime.on_gpu:
-        model = wrap_for_gpu(model, config)
-        init_weights(model, config.init_method_std)
-        stepper = gpu_stepper(model, config, run.optim, run.train.steps)
-        config.grad_scale_func = stepper.optimizer.scale_loss
-    else:
-        init_weights(model, config.init_method_std)
-        config.finalize_model_grads_func = finalize_cpu_grads
-        stepper = cpu_stepper(model, run.optim, run.train.steps)
-    progress(f"built: {num_params / 1e9:.3f}B parameters")
+    init_weights(model, config.init_method_std)  # where megatron-core allocated it: on the GPU there
     data = run.data
-    num_microbatches = data.global_batch_size // (data.micro_batch_size * runtime.data_parallel_size)
-    forward_backward = get_forward_backward_func()
+    shape = BatchShape(data.seq_length, data.micro_batch_size,
+                       data.global_batch_size // (data.micro_batch_size * runtime.data_parallel_size))
+    trainer = build_trainer(model, config, run.optim, shape, total_steps=run.train.steps, device=runtime.device)
+    progress(f"built: {num_params / 1e9:.3f}B parameters")
     documents_of = functools.partial(DocumentBatch.of, eos_token_id=eos_id, seed=getattr(config, "emo_routing_seed", 0))
     losses = []
 
     def train_step(step: int, timeline: Timeline | None = None) -> None:
-        outputs = forward_backward_step(step, model, stepper, forward_backward, dataset, run, runtime,
-                                        num_microbatches, documents_of)
-        losses.append(mean_loss(outputs, runtime))
-        with timeline.span("optimizer") if timeline else contextlib.nullcontext():
-            _, applied = stepper.step()
-        if applied:
-            stepper.scheduler.step(increment=1)
+        batches = functools.partial(microbatches, dataset, run, runtime, step, documents_of)
+        result = trainer.train_step(batches, functools.partial(timeline.span, "optimizer") if timeline
+                                    else contextlib.nullcontext)
+        losses.append(result.loss)
 
     with case.patch():
         for step in range(warmup):
@@ -105,7 +92,7 @@ def _measure(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_siz
         last = warmup + steps + profile_steps - 1
         try:
             timeline = Timeline(runtime.on_gpu)
-            with instrument(model, timeline):
+            with instrument(trainer.chunks, timeline):
                 for step in range(warmup + steps, last + 1):
                     with timeline.step():
                         train_step(step, timeline)
@@ -118,13 +105,19 @@ def _measure(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_siz
             try:
                 # Hooked as the breakdown's steps (their marks dropped), on the last one's batch:
                 # the data holds no more steps.
-                with instrument(model, Timeline(on_gpu=True)):
+                with instrument(trainer.chunks, Timeline(on_gpu=True)):
                     result.update(gpu_time(functools.partial(train_step, last)))
             except Exception as error:
                 result.update(_error("gpu_idle", error))
     if runtime.on_gpu:
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        bandwidth = copy_bandwidth(runtime.device)
+        result["copy_bandwidth_gb_s"] = bandwidth / 1e9
+        # The distributed optimizer's shard of this rank's parameters (exact on one GPU; expert
+        # parameters are sharded over the expert-data-parallel group, which this ignores).
+        shard = num_params // runtime.data_parallel_size
+        result["optimizer_memory_bound_ms"] = optimizer_memory_bound_ms(shard, bandwidth)
     return result
 
 
@@ -144,7 +137,6 @@ def run_case(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_siz
     logs._logged_once.clear()
     path_log = _PathLog()
     logging.getLogger("megatron_emo").addHandler(path_log)
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     if runtime.on_gpu:
         torch.cuda.reset_peak_memory_stats()
     failure = None

@@ -44,6 +44,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_emo.model.norm import RMSNorm
+from megatron_emo.parallel.shards import chunks_of
 
 COMPONENTS = ("embedding", "rotary", "attention", "norms", "router", "dispatch", "experts", "shared_expert",
               "combine", "lm_head", "loss", "optimizer", "other")
@@ -56,12 +57,12 @@ GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 """Categories of the GPU's own work in a profiler trace (not runtime calls, syncs, annotations)."""
 
 
-def component_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(label, module) of every timed module: the embedding and rotary table; per layer its
-    attention, and its MoE layer with router, routed experts and shared experts (or its dense
-    MLP); every RMSNorm; the LM head."""
+def component_modules(model) -> list[tuple[str, torch.nn.Module]]:
+    """(label, module) of every timed module of ``model`` (a module or a list of pipeline
+    chunks): the embedding and rotary table; per layer its attention, and its MoE layer with
+    router, routed experts and shared experts (or its dense MLP); every RMSNorm; the LM head."""
     found = []
-    for module in model.modules():
+    for module in (module for chunk in chunks_of(model) for module in chunk.modules()):
         if isinstance(module, TransformerLayer):
             found.append(("attention", module.self_attention))
             mlp = module.mlp
@@ -229,7 +230,7 @@ def _lm_head_hooks(module: torch.nn.Module, timeline: Timeline) -> list:
 
 
 @contextlib.contextmanager
-def instrument(model: torch.nn.Module, timeline: Timeline):
+def instrument(model, timeline: Timeline):
     """Hooks on the components of ``model`` that mark ``timeline``, removed on exit."""
     handles = []
     for label, module in component_modules(model):

@@ -1,11 +1,12 @@
 """EMO's own Hugging Face layout (allenai's ``EmoForCausalLM``, remote code) ↔ our Qwen2-MoE export.
 
 For users of the EMO model card, whose modeling code loads with ``trust_remote_code``. The
-layout differs from Qwen2-MoE only in names and in where the shared experts live: the norms are ``pre_attention_layernorm`` / ``pre_feedforward_layernorm``;
-the shared experts are the last experts of ``mlp.experts`` (weight 1.0, no gate), after the
-routed ones, and ``mlp.gate.weight`` has a row for each of them that routing never uses (written
-as zeros). Our shared MLP of width ``n_shared * F`` splits exactly into ``n_shared`` experts of
-width ``F`` (a SwiGLU is a sum over its hidden units).
+layout differs from Qwen2-MoE only in names and in where the shared experts live: the norms are
+``pre_attention_layernorm`` / ``pre_feedforward_layernorm``; the shared experts are the last
+experts of ``mlp.experts`` (weight 1.0, no gate), after the routed ones, and ``mlp.gate.weight``
+has a row for each of them that routing never uses (written as zeros). Our shared MLP of width
+``n_shared * F`` splits exactly into ``n_shared`` experts of width ``F`` (a SwiGLU is a sum over
+its hidden units).
 """
 
 import json
@@ -57,7 +58,9 @@ def from_emo_layout(tensors: dict, *, num_routed: int, num_shared: int) -> dict:
             continue
         if name.endswith(".mlp.gate.weight"):
             if tensor.shape[0] != num_routed + num_shared:
-                raise ConversionError(f"{name} has {tensor.shape[0]} rows, expected {num_routed} routed + {num_shared} shared")
+                raise ConversionError(
+                    f"{name} has {tensor.shape[0]} rows, expected {num_routed} routed + {num_shared} shared"
+                )
             tensor = tensor[:num_routed]
         for old, new in _RENAMES.items():
             name = name.replace("." + new, "." + old)
@@ -68,9 +71,11 @@ def from_emo_layout(tensors: dict, *, num_routed: int, num_shared: int) -> dict:
             if len(parts) != num_shared:
                 raise ConversionError(f"{layer}: {len(parts)} shared experts' {kind}, expected {num_shared}")
             merged = torch.cat(parts, dim=1 if kind == "down_proj" else 0)
-            out[f"{layer}mlp.shared_expert.{kind}.weight"] = merged * SHARED_DOWN_SCALE if kind == "down_proj" else merged
-        out[f"{layer}mlp.shared_expert_gate.weight"] = torch.zeros(1, out[f"{layer}mlp.shared_expert.gate_proj.weight"].shape[1],
-                                                                   dtype=parts[0].dtype)
+            out[f"{layer}mlp.shared_expert.{kind}.weight"] = (
+                merged * SHARED_DOWN_SCALE if kind == "down_proj" else merged
+            )
+        hidden = out[f"{layer}mlp.shared_expert.gate_proj.weight"].shape[1]
+        out[f"{layer}mlp.shared_expert_gate.weight"] = torch.zeros(1, hidden, dtype=parts[0].dtype)
     return out
 
 

@@ -102,7 +102,9 @@ def write_hf_weights(
         for expected in shard:
             name, tensor = next(stream)
             if name != expected or tuple(tensor.shape) != tuple(shapes[expected]):
-                raise ConversionError(f"internal: got {name} {tuple(tensor.shape)}, expected {expected} {shapes[expected]}")
+                raise ConversionError(
+                    f"internal: got {name} {tuple(tensor.shape)}, expected {expected} {shapes[expected]}"
+                )
             batch[name] = tensor
             weight_map[name] = file_name
             total += tensor.numel() * element

@@ -69,7 +69,9 @@ def check_exportable(model_file: os.PathLike) -> None:
         )
 
 
-def export_tokenizer(model_file: os.PathLike, output_dir: os.PathLike, *, check_texts: Optional[Iterable[str]] = None) -> dict:
+def export_tokenizer(
+    model_file: os.PathLike, output_dir: os.PathLike, *, check_texts: Optional[Iterable[str]] = None
+) -> dict:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` (and a copy of ``tokenizer.model``).
 
     Checks the result against sentencepiece on :data:`SAMPLE_TEXTS` plus ``check_texts`` and

@@ -1,6 +1,6 @@
 """Read a megatron_emo training checkpoint for conversion: find it, verify it, rebuild its config.
 
-A checkpoint (see :mod:`megatron_emo.training.checkpoint`) is ``<run>/checkpoints/step_N/``: a
+A checkpoint (see :mod:`megatron_emo.checkpoint.store`) is ``<run>/checkpoints/step_N/``: a
 megatron-core sharded checkpoint whose model tensors are keyed and shaped as one process holds
 them, ``run_config.json`` (``dataclasses.asdict(RunConfig)``) and ``manifest.json``. Whatever
 layout saved it, the weights are read whole here. The model config is rebuilt as the training
@@ -18,10 +18,7 @@ from typing import Optional
 
 from megatron.core import dist_checkpointing
 
-from megatron_emo.config import EmoConfig
-from megatron_emo.convert.qwen2_moe import GPTSettings
-from megatron_emo.recipes import RunConfig
-from megatron_emo.training.checkpoint import (
+from megatron_emo.checkpoint.store import (
     LATEST,
     MANIFEST,
     TOKENIZER_FILE,
@@ -30,21 +27,13 @@ from megatron_emo.training.checkpoint import (
     read_tensors,
     verify_checkpoint,
 )
+from megatron_emo.config import ConfigError, EmoConfig
+from megatron_emo.convert.qwen2_moe import GPTSettings
+from megatron_emo.parallel.layout import PARALLEL_FIELDS
+from megatron_emo.recipes import RunConfig
 from megatron_emo.training.distributed import process_group
 
 logger = logging.getLogger(__name__)
-
-PARALLEL_FIELDS = (
-    "tensor_model_parallel_size",
-    "pipeline_model_parallel_size",
-    "virtual_pipeline_model_parallel_size",
-    "expert_model_parallel_size",
-    "expert_tensor_parallel_size",
-    "context_parallel_size",
-    "sequence_parallel",
-)
-"""Layout fields of the training run; the checkpoint's tensors are whole, so they are dropped."""
-
 
 def resolve_checkpoint(path: os.PathLike) -> Path:
     """``step_N`` folder, a run's ``checkpoints`` folder or the run's output folder (→ newest)."""
@@ -65,8 +54,9 @@ def resolve_checkpoint(path: os.PathLike) -> Path:
 
 
 def run_config_from_dict(values: dict) -> RunConfig:
-    """RunConfig from ``run_config.json``; fields this version does not know are logged and skipped
-    (a checkpoint of a newer or older megatron_emo)."""
+    """RunConfig from ``run_config.json``; section fields this version does not know are logged
+    and skipped (a checkpoint of a newer or older megatron_emo). The model section is checked as
+    any run's: an unknown model field raises ConfigError, as the model could not be rebuilt."""
     kwargs = {"name": values.get("name", "unknown"), "model": dict(values.get("model", {}))}
     for f in dataclasses.fields(RunConfig):
         if f.name in ("name", "model"):
@@ -88,7 +78,7 @@ def read_run_config(checkpoint: Path) -> RunConfig:
         raise CheckpointError(f"checkpoint {checkpoint}: {path} is missing")
     try:
         return run_config_from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, AttributeError) as error:
+    except (json.JSONDecodeError, TypeError, AttributeError, ConfigError) as error:
         raise CheckpointError(f"checkpoint {checkpoint}: {path} is not a run config ({error})") from error
 
 
@@ -103,7 +93,10 @@ def find_tokenizer(run: RunConfig, checkpoint: Path, override: Optional[os.PathL
         if not Path(override).is_file():
             raise FileNotFoundError(f"tokenizer model {override} does not exist")
         return Path(override)
-    first = Path(run.data.tokenizer_model) if run.data.tokenizer_model else Path(run.data.cache_dir) / "demo" / "tokenizer.model"
+    if run.data.tokenizer_model:
+        first = Path(run.data.tokenizer_model)
+    else:
+        first = Path(run.data.cache_dir) / "demo" / "tokenizer.model"
     candidates = [checkpoint / TOKENIZER_FILE, first, Path(run.train.output_dir) / "tokenizer.model",
                   checkpoint.parent.parent / "tokenizer.model"]
     for candidate in candidates:
@@ -126,7 +119,8 @@ class LoadedCheckpoint:
         return self.state_dict["embedding.word_embeddings.weight"].shape[0]
 
     def emo_config(self, *, eos_token_id: int, **overrides) -> EmoConfig:
-        """The model config, one rank; ``overrides`` are EmoConfig fields (e.g. emo_eval_pool=None)."""
+        """The model config, one rank; ``overrides`` are EmoConfig fields (e.g. emo_eval_pool=None).
+        The run's layout fields are dropped: the checkpoint's tensors are whole."""
         model = {k: v for k, v in self.run.model.items() if k not in PARALLEL_FIELDS}
         run = dataclasses.replace(self.run, model={**model, **overrides})
         return run.emo_config(vocab_size=self.vocab_size(), eos_token_id=eos_token_id, on_gpu=False)

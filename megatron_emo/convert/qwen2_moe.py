@@ -52,7 +52,9 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_emo.config import EmoConfig
+from megatron_emo.config import MODEL_DEFAULTS, EmoConfig, build_emo_config
+from megatron_emo.recipes import DataConfig, GPTConfig, ModelSettings
+from megatron_emo.validate import check_gpt
 
 FORMAT_VERSION = 1
 SHARED_DOWN_SCALE = 2.0
@@ -65,11 +67,12 @@ class ConversionError(ValueError):
 
 @dataclass(frozen=True)
 class GPTSettings:
-    """The GPTModel arguments that are not in EmoConfig (``RunConfig.gpt`` / ``data.seq_length``)."""
+    """The GPTModel arguments that are not in EmoConfig: a run's ``gpt`` section and
+    ``data.seq_length``, with their defaults."""
 
-    rotary_base: float = 500_000
-    share_embeddings: bool = False
-    max_position_embeddings: int = 4096
+    rotary_base: int = GPTConfig.rotary_base
+    share_embeddings: bool = GPTConfig.share_embeddings
+    max_position_embeddings: int = DataConfig.seq_length
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,9 @@ def _qkv_merge(parts, d):
 IDENTITY = Codec("identity", lambda t, d: (t,), lambda p, d: p[0])
 QKV = Codec("qkv per query group", _qkv_split, _qkv_merge)
 GATE_UP = Codec("[gate; up] rows", lambda t, d: tuple(t.chunk(2, dim=0)), lambda p, d: torch.cat(p, dim=0))
-SHARED_DOWN = Codec("x2 (sigmoid(0) = 0.5)", lambda t, d: (t * SHARED_DOWN_SCALE,), lambda p, d: p[0] / SHARED_DOWN_SCALE)
+SHARED_DOWN = Codec(
+    "x2 (sigmoid(0) = 0.5)", lambda t, d: (t * SHARED_DOWN_SCALE,), lambda p, d: p[0] / SHARED_DOWN_SCALE
+)
 EXPERT_GATE_UP = Codec(
     "[E, h, 2F] -> E x ([F, h], [F, h])",
     lambda t, d: (t[:, :, : d.ffn].transpose(1, 2), t[:, :, d.ffn :].transpose(1, 2)),
@@ -268,7 +273,9 @@ def _model_shapes(d: Dims, per_layer: dict, embedding: str, layers: str, final_n
 
 
 def check_exportable(config: EmoConfig, gpt: GPTSettings) -> None:
-    """Raise ConversionError listing every setting Qwen2-MoE cannot express."""
+    """Raise ConversionError listing every setting Qwen2-MoE cannot express (ConfigError for
+    settings no run may have)."""
+    check_gpt(gpt)
     problems = []
     if config.kv_channels * config.num_attention_heads != config.hidden_size:
         problems.append(
@@ -280,20 +287,18 @@ def check_exportable(config: EmoConfig, gpt: GPTSettings) -> None:
     for name, why in (
         ("qk_layernorm", "Qwen2-MoE has no QK-norm"),
         ("add_qkv_bias", "megatron_emo exports bias-free attention only"),
-        ("add_bias_linear", "Qwen2-MoE's MLPs and o_proj have no bias"),
         ("rotary_interleaved", "Qwen2-MoE's RoPE rotates halves, not interleaved pairs"),
         ("apply_residual_connection_post_layernorm", "Qwen2-MoE adds the residual before the norm"),
     ):
         if getattr(config, name, False):
             problems.append(f"{name}=True: {why}")
-    if not config.gated_linear_unit or config.activation_func is not F.silu:
-        problems.append("the experts must be SwiGLU (gated_linear_unit=True, activation_func=silu)")
+    # (Every EmoConfig is gated and bias-free: megatron_emo.validate.check_model.)
+    if config.activation_func is not F.silu:
+        problems.append("activation_func: the experts must be SwiGLU (activation_func=silu)")
     if config.normalization != "RMSNorm":
         problems.append(f"normalization={config.normalization!r}: Qwen2-MoE uses RMSNorm")
     if getattr(config, "moe_router_topk_scaling_factor", None) not in (None, 1.0):
         problems.append("moe_router_topk_scaling_factor: Qwen2-MoE does not scale the routing weights")
-    if gpt.rotary_base <= 0:
-        problems.append(f"rotary_base={gpt.rotary_base} must be positive")
     if problems:
         raise ConversionError(
             "this megatron_emo model cannot be written as a stock Qwen2MoeForCausalLM:\n  - "
@@ -367,17 +372,19 @@ def to_hf_config(
 
 @dataclass
 class ImportedConfig:
-    """A Qwen2-MoE config read back: RunConfig-style model fields and the GPT settings."""
+    """A Qwen2-MoE config read back: a run's model section and the GPT settings."""
 
-    model: dict
+    model: ModelSettings
     gpt: GPTSettings
     vocab_size: int
     eos_token_id: int
     dtype: torch.dtype = torch.float32
 
     def emo_config(self, **overrides) -> EmoConfig:
-        fields = {"params_dtype": self.dtype, "bf16": self.dtype == torch.bfloat16, **self.model, **overrides}
-        return EmoConfig(**fields, emo_vocab_size=self.vocab_size, emo_eos_token_id=self.eos_token_id)
+        """The model config, one CPU process: bf16 weights for a bf16 model, fp32 otherwise;
+        ``overrides`` are EmoConfig fields (e.g. emo_eval_pool=None)."""
+        model = {**self.model, "bf16": self.dtype == torch.bfloat16, **overrides}
+        return build_emo_config(model, vocab_size=self.vocab_size, eos_token_id=self.eos_token_id, on_gpu=False)
 
 
 def _get(hf_config, name, default=None):
@@ -403,6 +410,8 @@ def from_hf_config(hf_config) -> ImportedConfig:
     theta = rope.get("rope_theta", _get(hf_config, "rope_theta"))
     if rope.get("rope_type", "default") != "default" or theta is None:
         problems.append(f"rope_parameters={rope}: only default RoPE with a rope_theta maps")
+    elif not float(theta).is_integer():
+        problems.append(f"rope_theta={theta}: megatron_emo's RoPE base (gpt.rotary_base) is a whole number")
     hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
     head_dim = _get(hf_config, "head_dim") or hidden // heads
     if head_dim * heads != hidden:
@@ -419,11 +428,13 @@ def from_hf_config(hf_config) -> ImportedConfig:
     if eos is None:
         problems.append("eos_token_id is not set: EMO's router needs the document separator")
     if problems:
-        raise ConversionError("this Qwen2-MoE config cannot be read as a megatron_emo model:\n  - " + "\n  - ".join(problems))
+        raise ConversionError(
+            "this Qwen2-MoE config cannot be read as a megatron_emo model:\n  - " + "\n  - ".join(problems)
+        )
     n_shared = shared // ffn
     n_routed, topk = hf_config.num_experts, hf_config.num_experts_per_tok
     meta = _get(hf_config, "emo_metadata") or {}
-    model = dict(
+    model = ModelSettings(
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hidden,
         num_attention_heads=heads,
@@ -434,8 +445,8 @@ def from_hf_config(hf_config) -> ImportedConfig:
         emo_num_shared_experts=n_shared,
         layernorm_epsilon=hf_config.rms_norm_eps,
         init_method_std=hf_config.initializer_range,
-        emo_router_mode=meta.get("router_mode", "emo"),
-        emo_pool_min=meta.get("pool_min", max(topk, min(8, n_routed))),
+        emo_router_mode=meta.get("router_mode", MODEL_DEFAULTS["emo_router_mode"]),
+        emo_pool_min=meta.get("pool_min", max(topk, min(MODEL_DEFAULTS["emo_pool_min"], n_routed))),
         emo_pool_max=meta.get("pool_max", n_routed + n_shared),
         emo_eval_pool=meta.get("eval_pool"),
     )
@@ -446,7 +457,7 @@ def from_hf_config(hf_config) -> ImportedConfig:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     gpt = GPTSettings(
-        rotary_base=float(theta),
+        rotary_base=int(theta),
         share_embeddings=bool(_get(hf_config, "tie_word_embeddings", False)),
         max_position_embeddings=hf_config.max_position_embeddings,
     )

@@ -101,7 +101,9 @@ def load_dataset_info(prefix: str | os.PathLike) -> DatasetInfo:
     except (AssertionError, ValueError, struct.error, OSError) as error:
         raise DatasetError(f"dataset {prefix}: {idx} is not a Megatron index ({error})") from error
     index = dataset.index
-    expected = 0 if len(index) == 0 else int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+    expected = (
+        0 if len(index) == 0 else int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+    )
     if expected != bin_.stat().st_size:
         raise DatasetError(
             f"dataset {prefix}: {idx} describes {expected} bytes of tokens but {bin_} has "

@@ -71,6 +71,10 @@ def _unusable(message: str) -> Exception:
     return DatasetError(message)
 
 
+EOS_ID = 3
+"""The EOS id of the tokenizers this package trains (:func:`train_tokenizer`)."""
+
+
 def train_tokenizer(documents: list[str], model_file: str | os.PathLike, vocab_size: int) -> Tokenizer:
     """Train a Llama-style BPE model and write it atomically.
 
@@ -90,7 +94,7 @@ def train_tokenizer(documents: list[str], model_file: str | os.PathLike, vocab_s
             pad_id=0,
             unk_id=1,
             bos_id=2,
-            eos_id=3,
+            eos_id=EOS_ID,
             character_coverage=1.0,
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,

@@ -31,10 +31,12 @@ class RoutedExperts(MegatronModule):
         self.fc1 = torch.nn.Parameter(torch.empty(layout.num_local, hidden, 2 * ffn, dtype=config.params_dtype))
         self.fc2 = torch.nn.Parameter(torch.empty(layout.num_local, ffn, hidden, dtype=config.params_dtype))
         for param, width_dim in ((self.fc1, 2), (self.fc2, 1)):
-            # Split over TP along the expert width; with EP, megatron-core's DDP reduces them over
-            # the expert-data-parallel group.
+            # Split over TP along the expert width. Expert parameters under every layout, EP1
+            # included: megatron-core's DDP reduces them over the expert-data-parallel group and
+            # its optimizer keeps them in a part of their own, so a checkpoint's optimizer state
+            # has the same structure whatever the expert-parallel size it is saved or loaded with.
             set_tensor_model_parallel_attributes(param, is_parallel=True, dim=width_dim, stride=1)
-            param.allreduce = layout.ep_size == 1
+            param.allreduce = False
         if config.perform_initialization:
             init_routed_experts(self.fc1, self.fc2, config, layout)
 

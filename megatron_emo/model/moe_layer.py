@@ -16,9 +16,9 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_emo.config import EmoConfig
+from megatron_emo.experts.routed import RoutedExperts
 from megatron_emo.kernels.permutation import permute, unpermute
 from megatron_emo.model.document_batch import DocumentBatch
-from megatron_emo.experts.routed import RoutedExperts
 from megatron_emo.parallel import dispatch as expert_parallel
 from megatron_emo.parallel.layout import expert_layout
 from megatron_emo.routing.router import DocumentPooledRouter

@@ -1,1 +1,1 @@
-"""Parallel layouts: expert-parallel dispatch and combine, expert padding, memory estimates."""
+"""Parallel layouts: expert-parallel dispatch and combine, expert padding."""

@@ -11,7 +11,7 @@ A rank's parameter is a slice of the full model's tensor of the same role:
 - pipeline stages: local layer ``i`` is global layer ``layer_number - 1``;
 - everything else (norms, the router) is replicated.
 
-:mod:`megatron_emo.parallel.sharded_state` turns this into the pieces of one-process tensors
+:mod:`megatron_emo.checkpoint.sharded_state` turns this into the pieces of one-process tensors
 that checkpoints store, and joins or slices whole tensors the same way.
 """
 

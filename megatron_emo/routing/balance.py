@@ -9,18 +9,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-
-def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """How many top-k slots chose each expert.
-
-    Args:
-        indices: int64 ``[T, K]``.
-
-    Returns:
-        fp32 ``[E]``.
-    """
-    counts = torch.zeros(num_experts, dtype=torch.float32, device=indices.device)
-    return counts.index_add_(0, indices.flatten(), torch.ones_like(indices, dtype=torch.float32).flatten())
+from megatron_emo.kernels.permutation import tokens_per_expert
 
 
 def load_balancing_loss(
@@ -49,7 +38,8 @@ def load_balancing_loss(
     """
     num_tokens, num_experts = probs.shape
     topk = indices.shape[-1]
-    local_counts = expert_counts(indices, num_experts)
+    # fp32: all-reduced together with the token count below.
+    local_counts = tokens_per_expert(indices, num_experts).float()
     totals = torch.cat([local_counts, local_counts.new_tensor([num_tokens])])
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(totals, group=group)

@@ -16,6 +16,8 @@ and after a resume. Everything here is vectorised: no loop over documents, no ho
 
 import torch
 
+from megatron_emo.kernels.routing.segments import segment_ordinals, segment_starts
+
 ORDINAL_BITS = 24
 """Low bits of a document id that hold the segment's ordinal within its row (rows < 16M tokens)."""
 
@@ -52,21 +54,6 @@ def hash_combine(*values) -> torch.Tensor:
     return h
 
 
-def segment_ordinals(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """Ordinal of each token's segment within its row.
-
-    Args:
-        input_ids: int ``[b, s]`` token ids.
-        eos_token_id: the id that separates documents.
-
-    Returns:
-        int64 ``[b, s]``: 0 for the first segment of every row, +1 at every EOS at position > 0.
-    """
-    starts = input_ids == eos_token_id
-    starts[:, 0] = False
-    return starts.cumsum(dim=1)
-
-
 def document_ids(
     input_ids: torch.Tensor,
     eos_token_id: int,
@@ -92,7 +79,7 @@ def document_ids(
         raise ValueError(f"sequence length {input_ids.shape[1]} exceeds 2**{ORDINAL_BITS} tokens")
     sample_index = sample_index.to(device=input_ids.device, dtype=torch.int64)
     row_key = hash_combine(seed, step, sample_index)
-    return (row_key[:, None] << ORDINAL_BITS) | segment_ordinals(input_ids, eos_token_id)
+    return (row_key[:, None] << ORDINAL_BITS) | segment_ordinals(input_ids == eos_token_id)
 
 
 def segment_index(document_ids: torch.Tensor) -> torch.Tensor:
@@ -107,9 +94,7 @@ def segment_index(document_ids: torch.Tensor) -> torch.Tensor:
     Returns:
         int64 ``[b * s]`` with values ``0 .. num_segments - 1``, non-decreasing.
     """
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    return starts.flatten().cumsum(0) - 1
+    return segment_ordinals(segment_starts(document_ids).flatten())
 
 
 def sample_pool_sizes(

@@ -22,10 +22,10 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_emo.config import EmoConfig
 from megatron_emo.kernels.routing import route
+from megatron_emo.kernels.routing.reference import at_least_fp32
 from megatron_emo.routing import documents
 from megatron_emo.routing.balance import load_balancing_loss, z_loss
 from megatron_emo.routing.metrics import RoutingMetrics
-from megatron_emo.routing.reference import at_least_fp32
 
 
 class DocumentPooledRouter(MegatronModule):

@@ -3,30 +3,29 @@ terms, to compare layouts with each other.
 
 :func:`run_layout` is the body of every rank (see :func:`megatron_emo.testing.distributed.run_distributed`):
 it builds the model for its place in the layout, loads one-process weights (or keeps its own
-initialisation when given none), runs megatron-core's schedule over a fixed global batch and
-returns, on rank 0, what one process would see: the LM loss of every step, the router's choices
-(expert indices and gate weights per layer and sample), and the gradients and weights of the
-first step joined to one-process tensors.
+initialisation when given none), trains with the trainer's step (megatron_emo.training.step:
+megatron-core DDP, distributed optimizer and schedules, as on a GPU cluster) over a fixed global
+batch and returns, on rank 0, what one process would see: the LM loss of every step, the
+router's choices (expert indices and gate weights per layer and sample), and the gradients and
+weights of the first step joined to one-process tensors.
 """
 
+
+import functools
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+from megatron_emo.checkpoint.sharded_state import full_tensors, load_full_weights
 from megatron_emo.config import EmoConfig
 from megatron_emo.model.document_batch import DocumentBatch
 from megatron_emo.model.gpt import build_model_chunks
-from megatron_emo.parallel.grads import finalize_cpu_grads
-from megatron_emo.parallel.sharded_state import full_tensors, load_full_weights
 from megatron_emo.recipes import OptimConfig
 from megatron_emo.routing.router import DocumentPooledRouter
 from megatron_emo.training.cpu_mode import cuda_on_cpu
 from megatron_emo.training.distributed import init_model_parallel
-from megatron_emo.training.loop import forward_step, mean_loss, microbatch_samples
-from megatron_emo.training.optimizer import cpu_stepper
+from megatron_emo.training.step import BatchShape, build_trainer, microbatch_samples
 
 EOS = 2
 ROUTING_SEED = 7
@@ -107,18 +106,33 @@ def run_layout(rank: int, world_size: int, layout: dict, micro_batch_size: int, 
             parallel_state.destroy_model_parallel()
 
 
+def reduced_gradients(trainer) -> None:
+    """Fill every rank's gradient buffers with the whole reduced gradients.
+
+    With the distributed optimizer, DDP reduce-scatters: each data-parallel rank holds only its
+    own shard of every bucket reduced. Gathering the shards (as the optimizer gathers updated
+    weights) lets a test read any parameter's reduced gradient from ``param.main_grad``."""
+    for chunk in trainer.chunks:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            group = buffer.data_parallel_group
+            size, rank = dist.get_world_size(group), dist.get_rank(group)
+            for bucket in buffer.buckets:
+                shard = bucket.grad_data.numel() // size
+                local = bucket.grad_data[rank * shard:(rank + 1) * shard].clone()
+                dist.all_gather_into_tensor(bucket.grad_data, local, group=group)
+
+
 def _train(config, runtime, micro_batch_size, tokens, weights, steps):
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     seq_length = tokens.shape[1] - 1
     model = build_model_chunks(config, max_sequence_length=seq_length, rotary_base=10_000)
     if weights is not None:
         load_full_weights(model, config, weights)
     initial = full_tensors(model, config, lambda param: param)
-    config.finalize_model_grads_func = finalize_cpu_grads
-    stepper = cpu_stepper(model, OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0), steps)
+    shape = BatchShape(seq_length, micro_batch_size, tokens.shape[0] // (micro_batch_size * runtime.data_parallel_size))
+    trainer = build_trainer(model, config, OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0), shape,
+                            total_steps=steps, device=runtime.device)
     routes, sample_index, grads, losses = {}, [None], None, []
     hooks = _record_routes(model, routes, sample_index)
-    num_microbatches = tokens.shape[0] // (micro_batch_size * runtime.data_parallel_size)
 
     def batches(step):
         for batch, index in _batches(tokens, micro_batch_size, step):
@@ -126,30 +140,16 @@ def _train(config, runtime, micro_batch_size, tokens, weights, steps):
             yield batch
 
     for step in range(steps):
-        for chunk in model:
-            chunk.train()
-        stepper.zero_grad()
-        iterators = [batches(step) for _ in model]
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(model) > 1 else iterators[0],
-            model=model,
-            num_microbatches=num_microbatches,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=False,
-        )
-        losses.append(mean_loss(outputs, runtime))
+        losses.append(trainer.gradients(functools.partial(batches, step)))
         if step == 0:
-            grads = full_tensors(model, config, lambda param: param.grad)
+            reduced_gradients(trainer)
+            grads = full_tensors(model, config, lambda param: param.main_grad)
             for hook in hooks:
                 hook.remove()
-        stepper.step()
-        stepper.scheduler.step(increment=1)
+        trainer.update()
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(routes, gathered, dst=0)
     if gathered is None:
         return None
     all_routes = {key: value for rank_routes in gathered for key, value in rank_routes.items()}
     return {"losses": losses, "routes": all_routes, "grads": grads, "weights": initial}
-

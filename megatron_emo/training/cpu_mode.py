@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 def _is_cuda(device) -> bool:
     if isinstance(device, int):
-        return True
+        return not isinstance(device, bool)  # .to(..., non_blocking) passes a bool
     if isinstance(device, str):
         return device.startswith("cuda")
     return isinstance(device, torch.device) and device.type == "cuda"
@@ -38,6 +38,9 @@ class _CpuDeviceMode(TorchFunctionMode):
             return args[0]
         if name == "to":
             args = tuple("cpu" if _is_cuda(arg) else arg for arg in args)
+        if name == "type" and len(args) == 1 and not kwargs:
+            # megatron-core's optimizers accept parameters by their CUDA type names.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
 
 

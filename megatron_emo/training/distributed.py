@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_emo.config import EmoConfig
-from megatron_emo.parallel.layout import check_layout
+from megatron_emo.validate import check_layout
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_emo.data.gpt_data import gpt_dataset_config
 from megatron_emo.parallel.shards import chunks_of
+from megatron_emo.training.step import forward_step
 
 
 def build_validation_datasets(blend, tokenizer, *, num_samples: int, run) -> dict[str, object]:
@@ -47,9 +49,11 @@ def pools_to_evaluate(config) -> dict[str, object]:
     return {f"pool{config.emo_eval_pool}": config.emo_eval_pool, "no_pool": None}
 
 
-def evaluate(model, config, datasets, *, forward_backward, forward_step, run, runtime, microbatches) -> dict:
+def evaluate(model, config, datasets, *, run, microbatches) -> dict:
     """Mean LM loss per ``eval/<domain>/<pool setting>`` over each validation dataset (``model``: a
-    module or this rank's list of pipeline chunks)."""
+    module or this rank's list of pipeline chunks; ``microbatches(dataset, num_batches)``: an
+    iterator over a dataset's first micro-batches, as the training step's forward step reads
+    them)."""
     data = run.data
     results = {}
     chunks = chunks_of(model)
@@ -61,7 +65,7 @@ def evaluate(model, config, datasets, *, forward_backward, forward_step, run, ru
             continue
         for name, pool in pools_to_evaluate(config).items():
             with eval_pool(config, pool), torch.no_grad():
-                losses = forward_backward(
+                losses = get_forward_backward_func()(
                     forward_step_func=forward_step,
                     data_iterator=[microbatches(dataset, num_batches) for _ in chunks] if len(chunks) > 1
                     else microbatches(dataset, num_batches),

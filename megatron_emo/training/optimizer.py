@@ -1,38 +1,23 @@
-"""AdamW and the warm-up + cosine schedule: megatron-core's on GPU, torch's AdamW on CPU.
+"""AdamW and the warm-up + cosine (or WSD) schedule: megatron-core's distributed optimizer and
+its parameter scheduler, on GPU and on CPU alike.
 
-EMO decays every parameter except the input embeddings; both paths do the same.
+EMO decays every parameter except the input embeddings.
 """
 
-import fnmatch
 import logging
-import math
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_emo.logs import log_once
-from megatron_emo.parallel.grads import global_grad_norm
-from megatron_emo.parallel.shards import chunks_of
-from megatron_emo.training import multi_tensor
-
 from megatron_emo.recipes import OptimConfig
+from megatron_emo.training import multi_tensor
 
 logger = logging.getLogger(__name__)
 
 EMBEDDING_PARAM = "*embedding.word_embeddings.weight"
-
-
-@dataclass
-class Stepper:
-    """One optimizer step: ``step()`` clips and updates, and returns the gradient norm and
-    whether the update was applied (not with a non-finite gradient norm)."""
-
-    optimizer: object
-    scheduler: OptimizerParamScheduler
-    step: Callable[[], tuple[float, bool]]
-    zero_grad: Callable[[], None]
 
 
 def _scheduler(optimizer, optim: OptimConfig, total_steps: int) -> OptimizerParamScheduler:
@@ -57,50 +42,16 @@ def _scheduler(optimizer, optim: OptimConfig, total_steps: int) -> OptimizerPara
     )
 
 
-def cpu_stepper(model, optim: OptimConfig, total_steps: int) -> Stepper:
-    """torch AdamW (megatron-core's optimizers insist on CUDA tensors), clipping by the norm of
-    the whole model across ranks."""
-    named = [item for chunk in chunks_of(model) for item in chunk.named_parameters()]
-    embeddings = [p for name, p in named if fnmatch.fnmatch(name, EMBEDDING_PARAM)]
-    others = [p for name, p in named if not fnmatch.fnmatch(name, EMBEDDING_PARAM)]
-    groups = [{"params": others, "wd_mult": 1.0}]
-    if embeddings:
-        groups.append({"params": embeddings, "wd_mult": 0.0})
-    optimizer = torch.optim.AdamW(
-        groups, lr=0.0, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay
-    )
-    params = [p for _, p in named]
+def build_optimizer(
+    chunks: list, config, optim: OptimConfig, total_steps: int
+) -> tuple[object, OptimizerParamScheduler]:
+    """megatron-core's distributed optimizer over DDP ``chunks`` and its schedule.
 
-    def step() -> tuple[float, bool]:
-        # The norm of the whole model, whatever the parallel layout (every rank agrees on it).
-        grad_norm = float(global_grad_norm(params))
-        if not math.isfinite(grad_norm):
-            return grad_norm, False
-        clip = min(1.0, optim.clip_grad / (grad_norm + 1e-6))
-        if clip < 1.0:
-            for param in params:
-                if param.grad is not None:
-                    param.grad.mul_(clip)
-        optimizer.step()
-        return grad_norm, True
-
-    return Stepper(optimizer, _scheduler(optimizer, optim, total_steps), step, lambda: optimizer.zero_grad(set_to_none=True))
-
-
-USE_DISTRIBUTED_OPTIMIZER = True
-"""ZeRO-1 on every GPU layout (megatron-core's distributed optimizer: fp32 main weights and Adam
-moments sharded over data-parallel ranks; with one rank it shards nothing): one optimizer, so
-one checkpoint format, which loads under any other layout — EP4 on four GPUs resumes on one."""
-
-
-def gpu_stepper(model, config, optim: OptimConfig, total_steps: int) -> Stepper:
-    """megatron-core's distributed optimizer (fp32 main weights under bf16) over megatron DDP
-    model chunks."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer.optimizer_config import ParamKey
-
+    ZeRO-1 on every layout (fp32 main weights and Adam moments sharded over data-parallel ranks;
+    with one rank it shards nothing): one optimizer, so one checkpoint format, which loads under
+    any other layout and on either device — EP4 on four GPUs resumes on one, or on the CPU.
+    """
     multi_tensor.install()
-
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
@@ -113,25 +64,14 @@ def gpu_stepper(model, config, optim: OptimConfig, total_steps: int) -> Stepper:
             clip_grad=optim.clip_grad,
             bf16=config.bf16,
             params_dtype=config.params_dtype,
-            use_distributed_optimizer=USE_DISTRIBUTED_OPTIMIZER,
+            use_distributed_optimizer=True,
         ),
-        chunks_of(model),
+        chunks,
         # Replaces megatron-core's default (no decay on norms and biases) by EMO's rule.
         config_overrides={ParamKey(name=EMBEDDING_PARAM): {"wd_mult": 0.0}},
     )
-
     fuse_torch_adam(optimizer)
-
-    def step() -> tuple[float, bool]:
-        update_successful, grad_norm, _ = optimizer.step()
-        return float("nan") if grad_norm is None else float(grad_norm), bool(update_successful)
-
-    def zero_grad() -> None:
-        for chunk in chunks_of(model):
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-
-    return Stepper(optimizer, _scheduler(optimizer, optim, total_steps), step, zero_grad)
+    return optimizer, _scheduler(optimizer, optim, total_steps)
 
 
 def optimizer_parts(optimizer) -> list:
@@ -148,10 +88,11 @@ def torch_adam_parts(optimizer) -> list:
 
 
 def fuse_torch_adam(optimizer) -> None:
-    """Run megatron-core's torch Adam on torch's fused CUDA kernel (a few launches for all
+    """Run megatron-core's torch Adam on torch's fused kernel (on GPU a few launches for all
     parameters, near memory bandwidth) instead of its default multi-tensor ``foreach`` path.
-    The fused kernel keeps step counts on the parameters' device. Called after building and
-    after loading a checkpoint, which restores the param groups' saved options."""
+    The fused kernel keeps step counts on the parameters' device, one tensor per parameter.
+    Called after building and after loading a checkpoint, which restores the param groups' saved
+    options."""
     adams = [part.optimizer for part in torch_adam_parts(optimizer)]
     for adam in adams:
         for group in adam.param_groups:
@@ -159,5 +100,7 @@ def fuse_torch_adam(optimizer) -> None:
             for param in group["params"]:
                 state = adam.state.get(param)
                 if state and "step" in state:
-                    state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+                    # A tensor per parameter: megatron-core's load gives every parameter the same
+                    # one, which the kernel would then advance once per parameter.
+                    state["step"] = state["step"].to(device=param.device, dtype=torch.float32, copy=True)
     log_once(logger, "optimizer: path = %s", "torch fused AdamW" if adams else "megatron-core FusedAdam")

@@ -27,8 +27,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from megatron_emo.config import ConfigError
-from megatron_emo.training.checkpoint import (
+from megatron_emo.checkpoint.store import (
     LATEST,
     RUN_CONFIG,
     CheckpointError,
@@ -39,16 +38,16 @@ from megatron_emo.training.checkpoint import (
     report_unfinished_saves,
     verify_checkpoint,
 )
+from megatron_emo.config import ConfigError
+from megatron_emo.parallel.layout import PARALLEL_FIELDS
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILES = ("metrics.jsonl", "eval.jsonl")
 STALE_PREFIX = ".stale-"
-LAYOUT_FIELDS = frozenset({
-    "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
-    "expert_model_parallel_size", "expert_tensor_parallel_size", "context_parallel_size", "sequence_parallel",
+LAYOUT_FIELDS = frozenset(PARALLEL_FIELDS) | {
     "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules",
-})
+}
 """Model settings a run may change when it resumes: how it is laid out over GPUs and what it
 recomputes, not what it computes (checkpoints load under any layout)."""
 

@@ -4,7 +4,7 @@ what to run next. Read back from the run folder, so a finished run re-run says t
 import json
 from pathlib import Path
 
-from megatron_emo.training.checkpoint import find_latest
+from megatron_emo.checkpoint.store import find_latest
 
 
 def _last_record(path: Path):

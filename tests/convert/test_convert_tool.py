@@ -119,6 +119,15 @@ def test_corrupt_checkpoint_exits_2(run_dir, tmp_path, capsys):
     assert not (tmp_path / "hf").exists()
 
 
+def test_run_config_with_an_unknown_model_field_is_refused(tmp_path):
+    from megatron_emo.checkpoint.store import CheckpointError
+    from megatron_emo.convert.megatron_checkpoint import read_run_config
+
+    (tmp_path / "run_config.json").write_text(json.dumps({"name": "old", "model": {"num_layer": 2}}))
+    with pytest.raises(CheckpointError, match=r"model.num_layer is not an EmoConfig field \(did you mean num_layers"):
+        read_run_config(tmp_path)
+
+
 def test_existing_output_needs_force(exported, run_dir, capsys):
     output, _ = exported
     assert _tool().main(["--checkpoint", str(run_dir), "--output", str(output)]) == 2
@@ -218,7 +227,7 @@ FROM_HF = ROOT / "tools" / "convert_from_hf.py"
 
 
 def _weights(checkpoint) -> dict:
-    from megatron_emo.training.checkpoint import read_tensors
+    from megatron_emo.checkpoint.store import read_tensors
     from megatron_emo.training.distributed import process_group
 
     with process_group():
@@ -226,7 +235,7 @@ def _weights(checkpoint) -> dict:
 
 
 def test_import_back_reproduces_the_checkpoint_and_training_starts_from_it(run_dir, exported, tmp_path):
-    from megatron_emo.training.checkpoint import verify_checkpoint
+    from megatron_emo.checkpoint.store import verify_checkpoint
 
     output, _ = exported
     init = tmp_path / "init"
@@ -271,10 +280,10 @@ def test_import_refuses_what_it_cannot_read(tmp_path):
 
 
 def test_weights_only_checkpoint_cannot_be_resumed_but_can_start_a_run(tmp_path, megatron_cpu):
+    from megatron_emo.checkpoint.sharded_state import parameters_by_name
+    from megatron_emo.checkpoint.store import CheckpointError, load_checkpoint, load_weights, write_weights_checkpoint
     from megatron_emo.model.gpt import build_gpt_model
     from megatron_emo.recipes import get_recipe
-    from megatron_emo.parallel.sharded_state import parameters_by_name
-    from megatron_emo.training.checkpoint import CheckpointError, load_checkpoint, load_weights, write_weights_checkpoint
     from tests.conftest import make_config
 
     def tiny_model():
@@ -308,7 +317,8 @@ def test_select_experts_and_evaluate_tools(run_dir, exported, tmp_path):
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     records = json.loads(report.read_text())
-    assert {(r["num_experts"], r["domain"]) for r in records} == {(n, d) for n in (16, 4) for d in ("code", "docs", "prose")}
+    expected = {(n, d) for n in (16, 4) for d in ("code", "docs", "prose")}
+    assert {(r["num_experts"], r["domain"]) for r in records} == expected
     assert all(1 < r["perplexity"] < 5000 and r["tokens"] > 0 for r in records)
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "select_experts.py"), "--hf", str(output), "--output",
                           str(tmp_path / "x"), "--keep", "1", "--demo-dir", str(demo), "--domain", "code"],

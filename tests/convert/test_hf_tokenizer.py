@@ -69,6 +69,8 @@ def test_refuses_a_whitespace_collapsing_tokenizer(tmp_path, corpus):
 
 def test_check_reports_a_mismatch(exported, tmp_path):
     model, hf_dir = exported
-    other = train_tokenizer(["something else entirely " * 40, "more text here"] * 20, tmp_path / "other.model", vocab_size=300)
+    other = train_tokenizer(
+        ["something else entirely " * 40, "more text here"] * 20, tmp_path / "other.model", vocab_size=300
+    )
     with pytest.raises(TokenizerExportError, match="tokens, sentencepiece has 300"):
         check_tokenizer(hf_dir, other.model_file, ["hello"])

@@ -215,7 +215,8 @@ def test_mapping_layouts(megatron_cpu):
     fc1 = state["decoder.layers.1.mlp.experts.fc1"]  # [E, h, 2F]: gate columns, then up columns
     assert torch.equal(hf["model.layers.1.mlp.experts.3.gate_proj.weight"], fc1[3, :, :8].T)
     assert torch.equal(hf["model.layers.1.mlp.experts.3.up_proj.weight"], fc1[3, :, 8:].T)
-    assert torch.equal(hf["model.layers.1.mlp.experts.3.down_proj.weight"], state["decoder.layers.1.mlp.experts.fc2"][3].T)
+    fc2 = state["decoder.layers.1.mlp.experts.fc2"]  # [E, F, h]
+    assert torch.equal(hf["model.layers.1.mlp.experts.3.down_proj.weight"], fc2[3].T)
     shared_fc1 = state["decoder.layers.0.mlp.shared_experts.linear_fc1.weight"]  # [gate (2F rows); up]
     assert torch.equal(hf["model.layers.0.mlp.shared_expert.gate_proj.weight"], shared_fc1[:16])
     assert torch.equal(hf["model.layers.0.mlp.shared_expert.down_proj.weight"],
@@ -246,7 +247,8 @@ def test_refuses_a_state_dict_that_does_not_fit(megatron_cpu):
     model, config, gpt = _model("emo")
     state = dict(model.state_dict())
     # What a tensor-parallel rank's shard would look like.
-    state["decoder.layers.1.self_attention.linear_qkv.weight"] = state["decoder.layers.1.self_attention.linear_qkv.weight"][:48]
+    qkv = "decoder.layers.1.self_attention.linear_qkv.weight"
+    state[qkv] = state[qkv][:48]
     del state["decoder.final_layernorm.weight"]
     with pytest.raises(q.ConversionError, match=r"linear_qkv.weight: \(48, 32\), expected \(96, 32\)") as error:
         q.to_hf_state_dict(state, config, gpt)
@@ -271,6 +273,7 @@ def test_refuses_a_live_shared_expert_gate():
         (dict(mlp_only_layers=[1]), "dense layers"),
         (dict(qkv_bias=True), "qkv_bias"),
         (dict(eos_token_id=None), "eos_token_id"),
+        (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.5}), "whole number"),
     ],
 )
 def test_refuses_qwen2_moe_configs_we_cannot_express(overrides, message):

@@ -8,7 +8,8 @@ from megatron.core.datasets.blended_dataset import BlendedDataset
 
 from megatron_emo.data.gpt_data import build_train_dataset, collate
 from megatron_emo.data.indexed import AtomicDatasetWriter
-from megatron_emo.routing.documents import document_ids, segment_ordinals
+from megatron_emo.kernels.routing.segments import segment_ordinals
+from megatron_emo.routing.documents import document_ids
 
 SEQ = 32
 NUM_DOCS = 200
@@ -95,7 +96,7 @@ def test_collate_and_segment_ordinals_follow_document_boundaries(megatron_cpu, c
     tokens = batch["tokens"]
     assert torch.equal(batch["labels"][:, :-1], tokens[:, 1:])
 
-    ordinals = segment_ordinals(tokens, eos)
+    ordinals = segment_ordinals(tokens == eos)
     assert (ordinals[:, 0] == 0).all()
     steps = ordinals[:, 1:] - ordinals[:, :-1]
     assert torch.equal(steps, (tokens[:, 1:] == eos).long())  # +1 exactly at each EOS (after the first token)

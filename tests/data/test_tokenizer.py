@@ -30,7 +30,10 @@ def test_missing_model_file(tmp_path):
         Tokenizer(tmp_path / "missing.model")
 
 
-@pytest.mark.parametrize("vocab, multiple, tp, expected", [(2048, 64, 1, 2048), (2049, 64, 1, 2112), (100278, 128, 1, 100352), (100, 64, 2, 128)])
+@pytest.mark.parametrize(
+    "vocab, multiple, tp, expected",
+    [(2048, 64, 1, 2048), (2049, 64, 1, 2112), (100278, 128, 1, 100352), (100, 64, 2, 128)],
+)
 def test_padded_vocab_size(vocab, multiple, tp, expected):
     assert padded_vocab_size(vocab, multiple, tp) == expected
 

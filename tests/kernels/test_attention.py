@@ -180,7 +180,7 @@ def test_emo_shape_matches_the_fp32_reference_on_gpu(heads):
     assert attention.select_path(inputs[0].device, inputs[0].dtype) == "varlen"
     for bound in (max_seqlen, 4096):
         ours = outputs_and_grads(
-            lambda q, k, v: attention.document_attention(q, k, v, cu_seqlens, bound), inputs, grad_out
+            lambda q, k, v, bound=bound: attention.document_attention(q, k, v, cu_seqlens, bound), inputs, grad_out
         )
         for what, a, b in zip(["out", "grad query", "grad key", "grad value"], ours, expected):
             assert a.dtype == torch.bfloat16 and a.shape == b.shape

@@ -2,7 +2,7 @@
 per-expert PyTorch reference.
 
 Three tiers:
-- unmarked (CPU): the reference against explicit products, the dispatch rule and its log line;
+- unmarked (CPU): the reference against explicit products, the backend rule and its log line;
 - ``triton_interpret``: the kernels at small shapes in Triton's interpreter (block 16), or
   natively on a GPU: odd widths, rows off the block, empty experts, all rows on one expert, a
   single row, gradients against autograd through the reference, poisoned padding;
@@ -218,7 +218,7 @@ def test_bad_arguments_are_refused(impl):
         impl.grouped_swiglu_ffn(x, torch.cat([w, w], 2), w[:, :, :8], sizes)
 
 
-# ---------------------------------------------------------------- dispatch (CPU, no Triton run)
+# ---------------------------------------------------------------- backend (CPU, no Triton run)
 
 
 def test_cpu_runs_the_reference_and_logs_it_once(monkeypatch, caplog):
@@ -227,7 +227,7 @@ def test_cpu_runs_the_reference_and_logs_it_once(monkeypatch, caplog):
     monkeypatch.setattr(logs, "_logged_once", set())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x, w, sizes = (t.cpu() for t in make_inputs("a single row"))
-    with caplog.at_level(logging.INFO, logger="megatron_emo.kernels.dispatch"):
+    with caplog.at_level(logging.INFO, logger="megatron_emo.kernels.backend"):
         for _ in range(2):
             out = grouped_gemm.grouped_mm(x, w, sizes)
     assert torch.equal(out, reference.grouped_mm(x, w, sizes))

@@ -92,7 +92,8 @@ def test_bf16_sums_in_fp32_and_top1_unit_weights_round_trip(impl):
 
 @pytest.mark.triton_interpret
 def test_no_tokens(impl):
-    rows, sizes, order = impl.permute(torch.randn(0, 4, device=DEVICE), torch.zeros(0, 2, dtype=torch.int64, device=DEVICE), 3)
+    indices = torch.zeros(0, 2, dtype=torch.int64, device=DEVICE)  # [T=0, K=2]
+    rows, sizes, order = impl.permute(torch.randn(0, 4, device=DEVICE), indices, 3)
     assert rows.shape == (0, 4) and sizes.tolist() == [0, 0, 0] and order.numel() == 0
     assert impl.unpermute(rows, torch.zeros(0, 2, device=DEVICE), order).shape == (0, 4)
 
@@ -103,7 +104,7 @@ def test_cpu_runs_the_reference_and_logs_it_once(monkeypatch, caplog):
     monkeypatch.setattr(logs, "_logged_once", set())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     tokens, indices, weights, num_experts = (t.cpu() if torch.is_tensor(t) else t for t in make_inputs("K = E"))
-    with caplog.at_level(logging.INFO, logger="megatron_emo.kernels.dispatch"):
+    with caplog.at_level(logging.INFO, logger="megatron_emo.kernels.backend"):
         rows, _, order = permutation.permute(tokens, indices, num_experts)
         permutation.unpermute(rows, weights, order)
     assert torch.equal(rows, reference.permute(tokens, indices, num_experts)[0])

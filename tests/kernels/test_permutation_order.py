@@ -22,6 +22,12 @@ def expected_rows(tokens, indices, num_experts):
     return torch.stack(rows) if rows else tokens.new_zeros(0, tokens.shape[1])
 
 
+def test_tokens_per_expert():
+    indices = torch.tensor([[0, 2], [2, 1], [2, 0]])
+    assert tokens_per_expert(indices, 4).tolist() == [2, 1, 3, 0]
+    assert tokens_per_expert(torch.zeros(0, 2, dtype=torch.int64), 3).tolist() == [0, 0, 0]
+
+
 @pytest.mark.parametrize("num_tokens,num_experts,topk", [(7, 5, 2), (16, 8, 3), (1, 4, 1), (9, 3, 3)])
 def test_group_sizes(num_tokens, num_experts, topk):
     indices = random_indices(num_tokens, num_experts, topk)

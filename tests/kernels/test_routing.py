@@ -1,7 +1,7 @@
 """The Triton router (megatron_emo.kernels.routing) against the PyTorch reference.
 
 Three tiers:
-- unmarked (CPU): the dispatch rule, its log line, and the error when triton is missing;
+- unmarked (CPU): the path log line, the error when triton is missing, the import layering;
 - ``triton_interpret``: the kernels at small shapes, in Triton's interpreter on CPU
   (``TRITON_INTERPRET=1 pytest -m triton_interpret``, its own process) or natively on a GPU;
 - ``gpu``: the EMO shape (B=4, S=4096, ~30 documents per row, 64/127/256 experts, top-7).
@@ -11,6 +11,7 @@ itself ties within 1e-6; floating outputs with fp32 tolerances.
 
 import logging
 import math
+import subprocess
 import sys
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 from megatron_emo import kernels
 from megatron_emo.kernels import routing
 from megatron_emo.kernels.routing import reference
-from megatron_emo.routing.reference import segment_positions
+from megatron_emo.kernels.routing.segments import segment_ordinals, segment_starts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32 = dict(rtol=1e-5, atol=1e-6)
@@ -286,7 +287,7 @@ def test_bad_arguments_are_refused(impl):
         impl.route(torch.zeros(4, impl.MAX_EXPERTS + 1, device=DEVICE), None, None, 2)
 
 
-# ---------------------------------------------------------------- dispatch (CPU, no Triton run)
+# ---------------------------------------------------------------- backend (CPU, no Triton run)
 
 
 @pytest.fixture
@@ -301,21 +302,12 @@ def test_cpu_runs_the_reference_and_logs_it_once(monkeypatch, caplog, fresh_log)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     logits, seg = torch.randn(9, 8), make_segments([4, 5], "cpu")
     pools = torch.tensor([3, 5])
-    with caplog.at_level(logging.INFO, logger=routing.__name__):
+    with caplog.at_level(logging.INFO, logger="megatron_emo.kernels.backend"):
         for _ in range(2):
             out = routing.route(logits, seg, pools, 2, return_logsumexp=True)
     for a, b in zip(out, reference.route(logits, seg, pools, 2, return_logsumexp=True)):
         assert torch.equal(a, b)
     assert [r.getMessage() for r in caplog.records] == ["document-pooled routing: path = reference"]
-
-
-def test_dispatch_rule(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert routing.select_path(torch.device("cpu")) == "reference"
-    assert routing.select_path(torch.device("cuda")) == "triton"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert routing.select_path(torch.device("cpu")) == "triton-interpreter"
-    assert routing.select_path(torch.device("cuda")) == "triton"
 
 
 def test_missing_triton_is_an_error_not_a_fallback(monkeypatch, fresh_log):
@@ -336,7 +328,17 @@ def test_router_routes_through_the_kernels_module():
 
 def test_installed_as_megatron_emo_kernels():
     assert kernels.__name__ == "megatron_emo.kernels"
-    assert reference.route is sys.modules["megatron_emo.routing.reference"].route
+
+
+def test_kernels_do_not_import_the_routing_package():
+    """kernels is the lower layer: megatron_emo.routing builds on it, never the reverse."""
+    code = (
+        "import sys\n"
+        "import megatron_emo.kernels.routing.reference, megatron_emo.kernels.permutation\n"
+        "print(sorted(m for m in sys.modules if m.startswith('megatron_emo.routing')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------- EMO shape on a GPU
@@ -354,7 +356,7 @@ def clear_pool_rows(logits, seg, pools, lengths):
     """Tokens of segments whose pool boundary is clear of fp32 rounding (the sums at ranks P and
     P+1 differ by more than 1e-5 of their value, far above the rounding of a sum of positive fp32
     terms); elsewhere the two implementations may legitimately pick different pools."""
-    dense = segment_positions(seg)
+    dense = segment_ordinals(segment_starts(seg))
     sums = torch.zeros(len(lengths), logits.shape[1], dtype=torch.float64, device=logits.device)
     sums.index_add_(0, dense, torch.softmax(logits.double(), dim=-1))
     ranked = torch.sort(sums, dim=-1, descending=True).values

@@ -1,7 +1,7 @@
 import torch
 
-from megatron_emo.model.gpt import build_gpt_model
 from megatron_emo.model.document_batch import DocumentBatch, run_model
+from megatron_emo.model.gpt import build_gpt_model
 from megatron_emo.routing.router import DocumentPooledRouter
 from tests.conftest import make_config as model_config
 

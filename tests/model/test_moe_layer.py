@@ -1,8 +1,8 @@
 import torch
 import torch.nn.functional as F
 
-from megatron_emo.model.moe_layer import EmoMoELayer
 from megatron_emo.model.document_batch import DocumentBatch
+from megatron_emo.model.moe_layer import EmoMoELayer
 from megatron_emo.routing.documents import sample_pool_sizes, segment_index
 from tests.conftest import make_config as model_config
 

@@ -21,7 +21,9 @@ LAYOUTS = {
     "tp2_ep2": (4, dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2), 2),
     "pp2_ep2": (4, dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2), 1),
     "dp4_ep2": (4, dict(expert_model_parallel_size=2), 1),
-    "pp2_interleaved": (2, dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2, num_layers=4), 2),
+    "pp2_interleaved": (
+        2, dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2, num_layers=4), 2
+    ),
     "pp2_uneven": (2, dict(pipeline_model_parallel_size=2, num_layers=3, num_layers_in_first_pipeline_stage=1), 2),
 }
 MODEL_FIELDS = ("num_layers", "num_moe_experts")

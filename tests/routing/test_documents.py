@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from megatron_emo.kernels.routing.segments import segment_ordinals
 from megatron_emo.routing.documents import (
     ORDINAL_BITS,
     document_ids,
@@ -13,7 +14,6 @@ from megatron_emo.routing.documents import (
     pool_sizes_per_segment,
     sample_pool_sizes,
     segment_index,
-    segment_ordinals,
 )
 
 EOS = 2
@@ -44,35 +44,7 @@ def py_hash_combine(*values: int) -> int:
     return h
 
 
-# --- segments --------------------------------------------------------------------------------------
-
-
-def test_segment_ordinals_eos_at_start_is_not_a_boundary():
-    ids = torch.tensor([[EOS, 5, 6, 7]])
-    assert segment_ordinals(ids, EOS).tolist() == [[0, 0, 0, 0]]
-
-
-def test_segment_ordinals_eos_starts_its_segment():
-    ids = torch.tensor([[5, 6, EOS, 7, 8]])
-    # The EOS at position 2 belongs to the segment it starts, not to the one it ends.
-    assert segment_ordinals(ids, EOS).tolist() == [[0, 0, 1, 1, 1]]
-
-
-def test_segment_ordinals_consecutive_eos_give_single_token_segments():
-    ids = torch.tensor([[5, EOS, EOS, EOS, 9]])
-    assert segment_ordinals(ids, EOS).tolist() == [[0, 1, 2, 3, 3]]
-
-
-def test_segment_ordinals_row_without_eos_is_one_segment_and_rows_are_independent():
-    ids = torch.tensor([[5, 6, 7, 8], [EOS, 3, EOS, 4], [1, 1, 1, EOS]])
-    assert segment_ordinals(ids, EOS).tolist() == [[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]]
-
-
-def test_segment_ordinals_does_not_modify_input():
-    ids = torch.tensor([[EOS, 5, EOS, 6]])
-    before = ids.clone()
-    segment_ordinals(ids, EOS)
-    assert torch.equal(ids, before)
+# --- document ids and segment indices ----------------------------------------------------------------
 
 
 def _random_batch(rows: int, seq: int, eos_rate: float = 0.2, generator=None) -> torch.Tensor:
@@ -87,7 +59,7 @@ def test_document_ids_unique_per_row_and_segment_and_equal_within():
     ids[1] = 7  # no EOS at all
     doc = document_ids(ids, EOS, seed=SEED, step=3, sample_index=torch.arange(6))
     assert doc.dtype == torch.int64 and doc.shape == ids.shape
-    ordinals = segment_ordinals(ids, EOS)
+    ordinals = segment_ordinals(ids == EOS)
     # The low bits hold the ordinal.
     assert torch.equal(doc & ((1 << ORDINAL_BITS) - 1), ordinals)
     keys = {}

@@ -6,10 +6,10 @@ import pytest
 import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+from megatron_emo.kernels.routing.reference import route
 from megatron_emo.routing import documents
 from megatron_emo.routing import router as router_module
 from megatron_emo.routing.balance import load_balancing_loss, z_loss
-from megatron_emo.routing.reference import route
 from megatron_emo.routing.router import DocumentPooledRouter
 from tests.conftest import make_config
 

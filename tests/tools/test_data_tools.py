@@ -153,8 +153,8 @@ def test_missing_input_exits_2(runs, tmp_path, capsys, tool):
     missing = tmp_path / "missing.jsonl"
     inputs = ["--input", str(runs.root / "corpus.jsonl"), str(missing)]
     if tool == "preprocess_data":
-        args = [*inputs, "--tokenizer-model", str(runs.root / "tok.model"), "--output-prefix", str(tmp_path / "out" / "data"),
-                "--no-progress"]
+        args = [*inputs, "--tokenizer-model", str(runs.root / "tok.model"),
+                "--output-prefix", str(tmp_path / "out" / "data"), "--no-progress"]
     else:
         args = [*inputs, "--vocab-size", "512", "--output", str(tmp_path / "out" / "tok.model")]
     assert tool_main(tool)(args) == 2

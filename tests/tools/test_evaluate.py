@@ -10,8 +10,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from tests.conftest import load_tool  # noqa: E402
-from tests.tools.test_analyze_experts import TEXTS, hf_dir  # noqa: E402, F401  (hf_dir: a fixture)
-
+from tests.tools.conftest import TEXTS  # noqa: E402
 
 
 def _main(argv):

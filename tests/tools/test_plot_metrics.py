@@ -7,7 +7,6 @@ import pytest
 from tests.conftest import load_tool
 
 
-
 def test_missing_matplotlib_names_the_pip_command(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     module = load_tool("plot_metrics")  # loads: matplotlib is imported only to draw

@@ -8,7 +8,6 @@ from megatron_emo.data.demo_corpus import DOMAINS
 from tests.conftest import load_tool
 
 
-
 def _main(argv):
     return load_tool("select_experts").main(argv)
 

@@ -27,8 +27,9 @@ def test_validation_loss_per_domain_with_and_without_pool(tmp_path):
     loop.train(small_run(tmp_path, "train.eval_interval=2", "train.eval_samples=16", "model.emo_eval_pool=8"))
     records = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 5]
+    columns = {"step"} | {f"eval/{d}/{p}" for d in ("code", "docs", "prose") for p in ("pool8", "no_pool")}
     for record in records:
-        assert set(record) == {"step"} | {f"eval/{d}/{p}" for d in ("code", "docs", "prose") for p in ("pool8", "no_pool")}
+        assert set(record) == columns
         assert all(math.isfinite(v) and 3 < v < 9 for k, v in record.items() if k != "step")
     # The model learns between evaluations.
     assert records[-1]["eval/docs/no_pool"] < records[0]["eval/docs/no_pool"]

@@ -5,8 +5,8 @@ import logging
 
 import pytest
 
-from megatron_emo.training import loop
-from megatron_emo.training.checkpoint import find_latest
+from megatron_emo.checkpoint.store import find_latest
+from megatron_emo.training import loop, step
 from megatron_emo.training.guards import NonFiniteStep, SpikeDetector
 from tests.training.conftest import small_run as _run
 
@@ -15,12 +15,12 @@ from tests.training.conftest import small_run as _run
 def nan_at_steps(monkeypatch):
     """Make the LM loss NaN in the forward passes of the given (1-based) steps."""
     def install(steps):
-        original_step, original_forward = loop.forward_backward_step, loop.forward_step
+        original_microbatches, original_forward = loop.microbatches, step.forward_step
         current = [0]
 
-        def forward_backward_step(step, *args):
-            current[0] = step
-            return original_step(step, *args)
+        def microbatches(dataset, run, runtime, index, documents_of):
+            current[0] = index
+            return original_microbatches(dataset, run, runtime, index, documents_of)
 
         def forward_step(data_iterator, model):
             output, loss_func = original_forward(data_iterator, model)
@@ -28,8 +28,8 @@ def nan_at_steps(monkeypatch):
                 output = output * float("nan")
             return output, loss_func
 
-        monkeypatch.setattr(loop, "forward_backward_step", forward_backward_step)
-        monkeypatch.setattr(loop, "forward_step", forward_step)
+        monkeypatch.setattr(loop, "microbatches", microbatches)
+        monkeypatch.setattr(step, "forward_step", forward_step)
     return install
 
 

@@ -14,16 +14,14 @@ import pytest
 import torch
 
 from megatron_emo.config import ConfigError
-from megatron_emo.recipes import apply_override, validate_run
+from megatron_emo.recipes import apply_override
 from megatron_emo.routing.metrics import RoutingMetrics
 from megatron_emo.training.loop import _router_summary
 from megatron_emo.training.metrics import MetricsWriter, format_record, scalars
-
+from megatron_emo.validate import validate_run
 from tests.conftest import load_tool
 
 from .conftest import small_run
-
-
 
 plot_metrics = load_tool("plot_metrics")
 
@@ -149,7 +147,8 @@ def test_resume_drops_later_steps_from_jsonl_and_tensorboard(tmp_path):
     writer.close()
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert losses == [4.9, 4.8, 5.7]
-    assert plot_metrics.read_tensorboard(run_dir / "tensorboard")["train/loss"] == pytest.approx({1: 4.9, 2: 4.8, 3: 5.7})
+    tensorboard = plot_metrics.read_tensorboard(run_dir / "tensorboard")
+    assert tensorboard["train/loss"] == pytest.approx({1: 4.9, 2: 4.8, 3: 5.7})
 
 
 def _write_run(root, name, records):

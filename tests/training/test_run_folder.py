@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from megatron_emo.checkpoint.store import CheckpointError, save_checkpoint
 from megatron_emo.config import ConfigError
 from megatron_emo.recipes import TrainConfig, get_recipe
-from megatron_emo.training.checkpoint import CheckpointError, save_checkpoint
 from megatron_emo.training.run_folder import StartPoint, plan_start
-from tests.training.test_checkpoint import _parts
+from tests.checkpoint.test_store import tiny_trainer, training_state
 
 
 def _run(output_dir, **fields):
@@ -26,9 +26,8 @@ def _save(output_dir, steps, init_from=None):
     """Checkpoints of one tiny model at ``steps`` under ``output_dir/checkpoints``."""
     run = get_recipe("tiny")
     run.train.init_from, run.train.keep_last = init_from, 10
-    model, optimizer, scheduler = _parts()
-    return [save_checkpoint(output_dir / "checkpoints", step, model=model, optimizer=optimizer,
-                            scheduler=scheduler, run=run) for step in steps]
+    state = training_state(tiny_trainer())
+    return [save_checkpoint(output_dir / "checkpoints", step, **state, run=run) for step in steps]
 
 
 def _truncate(checkpoint):
@@ -65,7 +64,9 @@ def test_corrupt_newest_checkpoint_falls_back_loudly_to_an_older_verified_one(tm
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == older.name
     _truncate(older)
     _truncate(oldest)
-    with pytest.raises(CheckpointError, match=f"no checkpoint in .* verifies: checkpoint {older}.*; checkpoint {oldest}"):
+    with pytest.raises(
+        CheckpointError, match=f"no checkpoint in .* verifies: checkpoint {older}.*; checkpoint {oldest}"
+    ):
         plan_start(_run(tmp_path))
 
 

@@ -92,7 +92,8 @@ def bad_data_runs(tmp_path_factory):
     procs = {}
     for name, prefix in cases.items():
         out = root / f"run_{name}"
-        cmd = [sys.executable, "-m", "megatron_emo.train", "--recipe", "tiny", "--set", f"train.output_dir={str(out)!r}",
+        cmd = [sys.executable, "-m", "megatron_emo.train", "--recipe", "tiny",
+               "--set", f"train.output_dir={str(out)!r}",
                *(a for o in _data_overrides(prefix, root / "tok.model", root / f"cache_{name}") for a in ("--set", o))]
         procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -112,7 +113,8 @@ def test_missing_blend_prefix_exits_2_naming_the_file(bad_data_runs):
     root, results = bad_data_runs
     result = results["missing"]
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"error: dataset {root / 'nowhere' / 'data'}: {root / 'nowhere' / 'data.idx'} does not exist" in result.stderr
+    nowhere = root / "nowhere"
+    assert f"error: dataset {nowhere / 'data'}: {nowhere / 'data.idx'} does not exist" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (root / "run_missing" / "metrics.jsonl").exists()  # nothing was trained
 

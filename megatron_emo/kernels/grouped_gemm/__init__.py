@@ -1,16 +1,16 @@
 """Grouped GEMM over expert-sorted rows, and the routed experts' SwiGLU FFN built on it.
 
 ``grouped_mm(x, w, group_sizes)`` and ``grouped_swiglu_ffn(x, fc1, fc2, group_sizes)`` follow the
-dispatch rule of every kernel op (:func:`megatron_emo.kernels.dispatch.select_path`): the Triton
+backend rule of every kernel op (:func:`megatron_emo.kernels.backend.select_path`): the Triton
 kernels on CUDA (tensor cores for bf16; fp32 runs as exact fp32 products, far slower, for
 tests), Triton's interpreter on the CPU under
 ``TRITON_INTERPRET=1``, the PyTorch reference (a loop over experts) elsewhere
-(:func:`megatron_emo.kernels.dispatch.implementation`, which logs the path once).
+(:func:`megatron_emo.kernels.backend.implementation`, which logs the path once).
 """
 
 import torch
 
-from megatron_emo.kernels.dispatch import implementation
+from megatron_emo.kernels.backend import implementation
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:

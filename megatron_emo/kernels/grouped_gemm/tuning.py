@@ -22,7 +22,7 @@ small shapes span several tiles.
 
 import triton
 
-from megatron_emo.kernels.dispatch import triton_interpreting
+from megatron_emo.kernels.backend import triton_interpreting
 
 KEY = ["N_OUT", "K", "EPILOGUE", "stride_bn", "ROWS_PER_EXPERT"]
 WGRAD_KEY = ["N_OUT", "K", "ROWS_PER_EXPERT"]

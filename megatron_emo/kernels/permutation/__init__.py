@@ -2,14 +2,14 @@
 the expert outputs back, gate-weighted.
 
 Fused Triton kernels on CUDA, Triton's interpreter under ``TRITON_INTERPRET=1``, the PyTorch
-reference elsewhere (:func:`megatron_emo.kernels.dispatch.implementation`, which logs the path
+reference elsewhere (:func:`megatron_emo.kernels.backend.implementation`, which logs the path
 once). Both paths give the same rows in the same order, bitwise; neither loops over experts in
 Python nor synchronises with the host.
 """
 
 import torch
 
-from megatron_emo.kernels.dispatch import implementation
+from megatron_emo.kernels.backend import implementation
 from megatron_emo.kernels.permutation.reference import tokens_per_expert
 
 __all__ = ["permute", "unpermute", "tokens_per_expert"]

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_emo.kernels.dispatch import triton_interpreting
+from megatron_emo.kernels.backend import triton_interpreting
 from megatron_emo.kernels.permutation import reference
 
 INTERPRETING = triton_interpreting()

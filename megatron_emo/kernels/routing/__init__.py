@@ -1,40 +1,17 @@
-"""Document-pooled routing, ``route``: the Triton kernels on CUDA, the PyTorch reference elsewhere.
+"""Document-pooled routing, ``route``.
 
-Dispatch rule, decided per call from the logits' device:
-- CUDA tensors: the Triton implementation. If triton cannot be imported this raises; a GPU run
-  never falls back to the (slower) reference silently.
-- Any other device: the reference, unless the environment has ``TRITON_INTERPRET=1``; then the
-  Triton implementation runs in Triton's interpreter, which is how the CPU tests exercise the
-  kernels. Triton reads the variable when the kernels are defined, so it must be set before
-  the first Triton call of the process (in practice: in the environment of a separate pytest
-  process).
-Each path is logged once per process at INFO.
+The fused Triton kernels on CUDA, Triton's interpreter under ``TRITON_INTERPRET=1`` (how the CPU
+tests exercise the kernels), the PyTorch reference elsewhere
+(:func:`megatron_emo.kernels.backend.implementation`, which logs the path once).
 """
 
-import logging
 from typing import Optional
 
 import torch
 
-from megatron_emo.kernels.dispatch import select_path
-from megatron_emo.kernels.routing import reference
-from megatron_emo.logs import log_once
+from megatron_emo.kernels.backend import implementation
 
-__all__ = ["route", "select_path"]
-
-logger = logging.getLogger(__name__)
-
-
-def _triton_impl():
-    """The Triton module, imported on first use so that CPU runs never need triton."""
-    try:
-        from megatron_emo.kernels.routing import triton_impl
-    except ImportError as error:
-        raise RuntimeError(
-            "document-pooled routing on CUDA needs triton, which failed to import "
-            f"({error}); install triton. There is no silent fallback to the PyTorch reference."
-        ) from error
-    return triton_impl
+__all__ = ["route"]
 
 
 def route(
@@ -46,11 +23,11 @@ def route(
     return_logsumexp: bool = False,
 ):
     """Route tokens to experts inside their document's pool (the routing contract, defined by
-    :mod:`megatron_emo.routing.reference`).
+    :mod:`megatron_emo.kernels.routing.reference`).
 
-    Exactly :func:`megatron_emo.routing.reference.route`; see there for the semantics: the pool
-    of a segment is the top-P experts of the sum of its tokens' unmasked softmax, ties to the
-    lower expert index, chosen without gradient; weights are not renormalised.
+    Exactly :func:`megatron_emo.kernels.routing.reference.route`; see there for the semantics:
+    the pool of a segment is the top-P experts of the sum of its tokens' unmasked softmax, ties
+    to the lower expert index, chosen without gradient; weights are not renormalised.
 
     Args:
         logits: ``[T, E]`` router logits (fp32; half types are computed in fp32).
@@ -66,7 +43,5 @@ def route(
         (not renormalised), int64 ``[T, K]``, fp32 ``[T, E]`` masked softmax (0 outside the
         pool), fp32 ``[T]`` (fp64 throughout for fp64 logits).
     """
-    path = select_path(logits.device)
-    impl = reference if path == "reference" else _triton_impl()
-    log_once(logger, "document-pooled routing: path = %s", path)
+    impl = implementation("routing", logits.device, name="document-pooled routing")
     return impl.route(logits, segment_ids, pool_sizes, topk, return_logsumexp=return_logsumexp)

@@ -5,8 +5,8 @@ N segments, NP = len(pool_sizes) >= N, NB token blocks of BLOCK_T tokens, W bitm
 segment (E_PAD / WORD_BITS).
 
 Forward, two Triton launches, no host synchronisation, no loop over segments on the host:
-    segment_ids [T] --torch ne, cumsum--> starts [T-1] (segment starts after token 0 up to t);
-    the dense segment index of token t is starts[t-1] (0 for t = 0), computed where needed.
+    segment_ids [T] --segments.segment_ordinals (PyTorch)--> ordinals [T], the dense segment
+    index of every token.
     1. _route_pool_kernel, grid (NB,): softmax of every token; each block sums it over each of
        its "pieces" (the run of one segment inside the block) into pieces[seg + block]. An
        atomic ticket per segment tells the block that adds a segment's last piece; that block
@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_emo.kernels.routing.segments import segment_ordinals, segment_starts
+
 MAX_EXPERTS = 256
 """Beyond this the pool kernel's E_PAD x E_PAD rank comparison no longer fits in registers."""
 
@@ -51,18 +53,16 @@ def _bitwise_or(a, b):
 
 
 @triton.jit
-def _ordinal(starts_ptr, offs_t, num_tokens):
-    """Dense segment index of tokens ``offs_t``: the number of segment starts after token 0
-    up to t (``starts_ptr[t - 1]``); -1 outside ``[0, T)``."""
+def _ordinal(ordinals_ptr, offs_t, num_tokens):
+    """Dense segment index of tokens ``offs_t``; -1 outside ``[0, T)``."""
     inside = (offs_t >= 0) & (offs_t < num_tokens)
-    before = tl.load(starts_ptr + offs_t - 1, mask=inside & (offs_t > 0), other=0)
-    return tl.where(inside, before, -1)
+    return tl.load(ordinals_ptr + offs_t, mask=inside, other=-1)
 
 
 @triton.jit
 def _route_pool_kernel(
     logits_ptr,
-    starts_ptr,
+    ordinals_ptr,
     pool_sizes_ptr,
     pieces_ptr,
     meta_ptr,
@@ -94,9 +94,9 @@ def _route_pool_kernel(
     probs = ex / tl.sum(ex, axis=1)[:, None]
 
     # Padded rows get segment -1, which no piece below selects.
-    seg = _ordinal(starts_ptr, offs_t, num_tokens)
-    is_first = row_ok & (seg != _ordinal(starts_ptr, offs_t - 1, num_tokens))
-    is_last = row_ok & (seg != _ordinal(starts_ptr, offs_t + 1, num_tokens))
+    seg = _ordinal(ordinals_ptr, offs_t, num_tokens)
+    is_first = row_ok & (seg != _ordinal(ordinals_ptr, offs_t - 1, num_tokens))
+    is_last = row_ok & (seg != _ordinal(ordinals_ptr, offs_t + 1, num_tokens))
     # meta row of a segment: [ticket, first token, last token, bitmask words...]. Segments past
     # num_pools violate the caller's contract; they are only kept from writing out of bounds.
     in_range = row_ok & (seg < num_pools)
@@ -150,7 +150,7 @@ def _route_pool_kernel(
 @triton.jit
 def _route_forward_kernel(
     logits_ptr,
-    starts_ptr,
+    ordinals_ptr,
     meta_ptr,
     weights_ptr,
     indices_ptr,
@@ -182,7 +182,7 @@ def _route_forward_kernel(
     ).to(probs_ptr.dtype.element_ty)
     keep = col_ok[None, :]
     if HAS_POOL:
-        seg = _ordinal(starts_ptr, offs_t, num_tokens)
+        seg = _ordinal(ordinals_ptr, offs_t, num_tokens)
         word = tl.load(
             meta_ptr + seg[:, None] * META_COLS + 3 + offs_e[None, :] // WORD_BITS,
             mask=(row_ok & (seg < num_pools))[:, None],
@@ -314,18 +314,17 @@ def route_forward(
     num_blocks = triton.cdiv(num_tokens, block_t)
     grid = (num_blocks,)
     if pool_sizes is None:
-        starts = meta = None  # HAS_POOL=False compiles their uses out
+        ordinals = meta = None  # HAS_POOL=False compiles their uses out
         num_pools = 0
     else:
         num_pools = pool_sizes.shape[0]
-        # Segment starts after token 0 up to each token: two launches, no host sync.
-        starts = torch.ne(segment_ids[1:], segment_ids[:-1]).cumsum(0, dtype=torch.int32)
+        ordinals = segment_ordinals(segment_starts(segment_ids), dtype=torch.int32)
         # seg + block < T + NB, whatever N is: no write can fall outside.
         pieces = alloc((num_tokens + num_blocks, e_pad), dtype=out_dtype, device=device)
         # Zeroed, not poisoned: the tickets count up from 0. Every other entry read is written.
         meta = torch.zeros((num_pools, meta_cols), dtype=torch.int32, device=device)
         _route_pool_kernel[grid](
-            logits, starts, pool_sizes, pieces, meta,
+            logits, ordinals, pool_sizes, pieces, meta,
             num_tokens, num_experts, num_pools,
             logits.stride(0), logits.stride(1),
             BLOCK_T=block_t, E_PAD=e_pad, WORD_BITS=word_bits, META_COLS=meta_cols,
@@ -333,7 +332,7 @@ def route_forward(
             num_warps=8 if e_pad > 128 else 4,
         )  # fmt: skip
     _route_forward_kernel[grid](
-        logits, starts, meta, weights, indices, probs, lse,
+        logits, ordinals, meta, weights, indices, probs, lse,
         num_tokens, num_experts, num_pools,
         logits.stride(0), logits.stride(1),
         TOPK=topk, HAS_POOL=pool_sizes is not None, BLOCK_T=block_t, E_PAD=e_pad,
@@ -449,7 +448,8 @@ def route(
     *,
     return_logsumexp: bool = False,
 ):
-    """Triton :func:`megatron_emo.routing.reference.route`: same arguments, outputs and gradients.
+    """Triton :func:`megatron_emo.kernels.routing.reference.route`: same arguments, outputs and
+    gradients.
 
     Args:
         logits: ``[T, E]`` router logits, ``E <= MAX_EXPERTS``, any strides.

@@ -1,7 +1,7 @@
 import pytest
 
 from megatron_emo.config import ConfigError
-from megatron_emo.parallel.memory import estimate_memory
+from megatron_emo.memory import estimate_memory
 from megatron_emo.recipes import DataConfig, GPTConfig, RunConfig, resolve_run
 
 HAND_MODEL = dict(
@@ -41,7 +41,9 @@ def test_hand_checked_tiny_model():
     # 128 each, final norm 8.
     (stage,) = estimate.stages
     assert stage.params == estimate.model_params == 2 * (392 + 288) + 128 + 128 + 8 == 1624
-    assert (stage.weights, stage.grads, stage.optimizer, stage.optimizer_step) == (2 * 1624, 4 * 1624, 12 * 1624, 4 * 1624)
+    assert (stage.weights, stage.grads, stage.optimizer, stage.optimizer_step) == (
+        2 * 1624, 4 * 1624, 12 * 1624, 4 * 1624
+    )
     # T = 8 tokens, N = 8 routed rows, bf16 activations (a = 2).
     assert estimate.layer_activations == {
         "norms": 2 * 8 * 8 * 8,                            # 2 · 8h·T
@@ -129,7 +131,9 @@ def test_more_parallelism_and_recomputation_use_less_memory():
                      "model.sequence_parallel=True") < _flagship(8, "model.expert_model_parallel_size=4")
     assert _flagship(16, "model.expert_model_parallel_size=8") < _flagship(8, "model.expert_model_parallel_size=8")
     layout = ("model.expert_model_parallel_size=8",)
-    assert _flagship(8, *layout, recompute="full") < _flagship(8, *layout, recompute="selective") < _flagship(8, *layout)
+    assert (
+        _flagship(8, *layout, recompute="full") < _flagship(8, *layout, recompute="selective") < _flagship(8, *layout)
+    )
     assert _flagship(8, *layout, "data.micro_batch_size=2") > _flagship(8, *layout)
 
 

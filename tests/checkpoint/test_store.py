@@ -11,65 +11,73 @@ import time
 import psutil
 import pytest
 import torch
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_emo.model.document_batch import DocumentBatch, run_model
-from megatron_emo.model.gpt import build_gpt_model
-from megatron_emo.recipes import get_recipe
-from megatron_emo.training.checkpoint import (
+from megatron_emo.checkpoint.store import (
     CheckpointError,
     find_latest,
     load_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
+from megatron_emo.model.document_batch import DocumentBatch
+from megatron_emo.model.gpt import build_gpt_model
+from megatron_emo.recipes import OptimConfig, get_recipe
+from megatron_emo.training.optimizer import optimizer_parts
+from megatron_emo.training.step import BatchShape, build_trainer
 from tests.conftest import make_config
 
 
-def _parts(hidden=16):
-    """A tiny GPT model (megatron-core, CPU), its AdamW and its schedule."""
-    model = build_gpt_model(make_config(hidden_size=hidden), max_sequence_length=16, rotary_base=10_000)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    scheduler = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=0.1, min_lr=0.01, lr_warmup_steps=2,
-                                        lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
-                                        wd_incr_steps=10, wd_incr_style="constant")
-    return model, optimizer, scheduler
+def tiny_trainer(hidden=16):
+    """The trainer of a tiny GPT model (megatron-core, CPU)."""
+    config = make_config(hidden_size=hidden)
+    model = build_gpt_model(config, max_sequence_length=16, rotary_base=10_000)
+    trainer = build_trainer(model, config, OptimConfig(lr=0.1, min_lr=0.01, warmup_steps=2), BatchShape(16, 2, 1),
+                            total_steps=10, device=torch.device("cpu"))
+    return trainer
 
 
-def _step(model, optimizer, scheduler):
-    optimizer.zero_grad()
+def training_state(trainer) -> dict:
+    """What a checkpoint saves and loads of ``trainer``, as keyword arguments."""
+    return {"model": trainer.model, "optimizer": trainer.optimizer, "scheduler": trainer.scheduler}
+
+
+def _step(trainer):
     tokens = torch.randint(3, 64, (2, 16))
     documents = DocumentBatch.of(tokens, 2, seed=0, step=0, sample_index=torch.arange(2))
-    run_model(model, tokens, documents, labels=tokens).mean().backward()
-    optimizer.step()
-    scheduler.step(1)
+    trainer.train_step(lambda: iter([(tokens, tokens, torch.ones(2, 16), documents)]))
+
+
+def _adam_moments(optimizer) -> list[torch.Tensor]:
+    return [state["exp_avg"] for part in optimizer_parts(optimizer) for state in part.optimizer.state.values()]
 
 
 def test_round_trip_restores_everything(tmp_path, megatron_cpu):
-    model, optimizer, scheduler = _parts()
+    trainer = tiny_trainer()
     for _ in range(3):
-        _step(model, optimizer, scheduler)
-    path = save_checkpoint(tmp_path, 3, model=model, optimizer=optimizer, scheduler=scheduler, run=get_recipe("tiny"))
+        _step(trainer)
+    path = save_checkpoint(tmp_path, 3, **training_state(trainer), run=get_recipe("tiny"))
     assert find_latest(tmp_path) == path and json.loads((path / "run_config.json").read_text())["name"] == "tiny"
     expected_next = torch.rand(3)
-    fresh = _parts()
-    assert load_checkpoint(path, model=fresh[0], optimizer=fresh[1], scheduler=fresh[2]) == 3
+    fresh = tiny_trainer()
+    assert load_checkpoint(path, **training_state(fresh)) == 3
     assert torch.equal(torch.rand(3), expected_next)  # RNG restored
-    for a, b in zip(model.parameters(), fresh[0].parameters()):
+    for a, b in zip(trainer.model[0].parameters(), fresh.model[0].parameters()):
         assert torch.equal(a, b)
-    assert fresh[1].state_dict()["state"][0]["exp_avg"].equal(optimizer.state_dict()["state"][0]["exp_avg"])
-    assert fresh[2].num_steps == scheduler.num_steps
-    torch.manual_seed(1)
-    _step(model, optimizer, scheduler)
-    torch.manual_seed(1)
-    _step(*fresh)
-    for a, b in zip(model.parameters(), fresh[0].parameters()):
+    for a, b in zip(_adam_moments(trainer.optimizer), _adam_moments(fresh.optimizer), strict=True):
+        assert torch.equal(a, b)
+    assert fresh.scheduler.num_steps == trainer.scheduler.num_steps
+    for _ in range(2):  # the Adam step counts came back too: bias corrections, hence updates, agree
+        torch.manual_seed(1)
+        _step(trainer)
+        torch.manual_seed(1)
+        _step(fresh)
+    for a, b in zip(trainer.model[0].parameters(), fresh.model[0].parameters()):
         assert torch.equal(a, b)
 
 
 def test_tampered_truncated_and_incomplete_checkpoints_are_rejected(tmp_path, megatron_cpu):
-    model, optimizer, scheduler = _parts()
-    path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, run=get_recipe("tiny"))
+    trainer = tiny_trainer()
+    path = save_checkpoint(tmp_path, 1, **training_state(trainer), run=get_recipe("tiny"))
     state = max(path.glob("*.distcp"), key=lambda file: file.stat().st_size)  # a shard of tensors
     original = state.read_bytes()
     state.write_bytes(original[:-10])
@@ -79,7 +87,7 @@ def test_tampered_truncated_and_incomplete_checkpoints_are_rejected(tmp_path, me
     tampered[len(tampered) // 2] ^= 0xFF
     state.write_bytes(bytes(tampered))
     with pytest.raises(CheckpointError, match=f"{state.name} does not match its SHA-256"):
-        load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+        load_checkpoint(path, **training_state(trainer))
     state.write_bytes(original)
     (path / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="manifest.json is missing"):
@@ -87,22 +95,21 @@ def test_tampered_truncated_and_incomplete_checkpoints_are_rejected(tmp_path, me
 
 
 def test_other_model_shape_is_rejected_with_the_field(tmp_path, megatron_cpu):
-    model, optimizer, scheduler = _parts(16)
-    path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler, run=get_recipe("tiny"))
-    other = _parts(32)
+    path = save_checkpoint(tmp_path, 1, **training_state(tiny_trainer(16)), run=get_recipe("tiny"))
+    other = tiny_trainer(32)
     wider = get_recipe("tiny")
     wider.model["hidden_size"] = 32
     with pytest.raises(CheckpointError, match=r"final_layernorm.weight: checkpoint \(16,\) vs model \(32,\).*"
                                               r"model.hidden_size: checkpoint \d+ vs run 32"):
-        load_checkpoint(path, model=other[0], optimizer=other[1], scheduler=other[2], run=wider)
+        load_checkpoint(path, **training_state(other), run=wider)
 
 
 def test_unfinished_save_is_ignored_and_retention(tmp_path, megatron_cpu, caplog):
-    model, optimizer, scheduler = _parts()
+    trainer = tiny_trainer()
     run = get_recipe("tiny")
     run.train.keep_last, run.train.keep_every = 2, 3
     for step in (1, 2, 3, 4, 5, 6):  # each save applies the run's retention rules
-        save_checkpoint(tmp_path, step, model=model, optimizer=optimizer, scheduler=scheduler, run=run)
+        save_checkpoint(tmp_path, step, **training_state(trainer), run=run)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000003", "step_00000005", "step_00000006"]
     (tmp_path / ".tmp-step_00000007").mkdir()  # a save killed half-way
     assert find_latest(tmp_path).name == "step_00000006"
@@ -167,7 +174,8 @@ def test_kill_9_while_saving_leaves_a_loadable_checkpoint(tmp_path):
     result = subprocess.run(_command(tmp_path, "emo", save_interval=1), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resumed from {latest}" in result.stderr
-    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(range(1, 11))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +204,7 @@ def test_gpu_background_saves_resume_and_cpu_weights_start_a_gpu_run(tmp_path):
     # Weights, fp32 main weights and Adam moments came back: the next steps follow the
     # uninterrupted run (bf16 kernels are not bit-reproducible, so closely rather than exactly).
     assert _losses(tmp_path / "parts")[12:] == pytest.approx(_losses(tmp_path / "whole")[12:], rel=2e-2)
-    # A CPU run's checkpoint (another optimizer, fp32) starts a GPU run from its weights.
+    # A CPU run's checkpoint (fp32) starts a GPU run (bf16) from its weights.
     cpu = subprocess.run(_command(tmp_path / "cpu", "emo") + ["--set", "train.steps=3"], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert cpu.returncode == 0, cpu.stderr[-3000:]

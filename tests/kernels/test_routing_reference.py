@@ -1,9 +1,10 @@
-"""The plain-PyTorch router (megatron_emo.routing.reference.route) against the routing contract."""
+"""The plain-PyTorch router (megatron_emo.kernels.routing.reference.route) against the routing
+contract."""
 
 import pytest
 import torch
 
-from megatron_emo.routing.reference import pool_mask, route, segment_positions
+from megatron_emo.kernels.routing.reference import pool_mask, route
 
 
 def loop_reference(logits, segment_ids, pool_sizes):
@@ -178,10 +179,6 @@ def test_extra_pool_sizes_are_ignored():
         longer = route(logits, seg, torch.tensor([3, 5, 4] + tail), 2, return_logsumexp=True)
         for a, b in zip(exact, longer):
             assert torch.equal(a, b)
-
-
-def test_segment_positions():
-    assert segment_positions(torch.tensor([7, 7, 3, 3, 3, 9, 7])).tolist() == [0, 0, 1, 1, 1, 2, 3]
 
 
 def _separated_logits(num_tokens, num_experts, pool_experts, gen):

@@ -67,7 +67,8 @@ selective: one layer's core attention); the largest parameter's bf16 gradient be
 into the fp32 buffer.
 
 Assumes balanced experts (each EP rank receives as many rows as it sends; EMO's load-balancing
-loss keeps training close to that).
+loss keeps training close to that). A run is checked as training checks it
+(:mod:`megatron_emo.validate`), and for what these formulas cover.
 """
 
 import dataclasses
@@ -75,9 +76,11 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_emo.config import ConfigError
-from megatron_emo.parallel.layout import ExpertLayout, check_layout, data_parallel_size
-from megatron_emo.recipes import RunConfig, validate_run
+from megatron_emo.config import ConfigError, EmoConfig
+from megatron_emo.data.tokenizer import EOS_ID
+from megatron_emo.parallel.layout import ExpertLayout, data_parallel_size
+from megatron_emo.recipes import RunConfig
+from megatron_emo.validate import check_estimable, check_world, validate_run
 
 RECOMPUTE_SETTINGS = ("none", "selective", "full")
 GiB = 2**30
@@ -193,53 +196,18 @@ class MemoryEstimate:
         }
 
 
-def build_config(run: RunConfig, vocab_size: int):
-    """The run's EmoConfig as it trains on GPU (bf16 unless the recipe says otherwise), with
-    the vocabulary padded as training pads it; any invalid field raises ConfigError."""
-    padded = run.model_vocab_size(vocab_size)
-    try:
-        return run.emo_config(vocab_size=padded, eos_token_id=0, on_gpu=True)
-    except (ValueError, AssertionError) as error:  # megatron-core's checks raise both
-        raise ConfigError(str(error)) from error
-
-
-def _layout(run: RunConfig, config, world_size: int) -> Layout:
+def _layout(run: RunConfig, config: EmoConfig, world_size: int) -> Layout:
     """Check that ``world_size`` GPUs can run ``run`` and describe the layout; ConfigError names
     the first broken constraint."""
     validate_run(run)
-    check_layout(config, world_size)
+    check_world(run, config, world_size, on_gpu=True)
+    check_estimable(config)
     tp, pp, cp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size, config.context_parallel_size
     ep, etp = config.expert_model_parallel_size, config.expert_tensor_parallel_size
     dp = data_parallel_size(config, world_size)
     data = run.data
-    if data.global_batch_size % (data.micro_batch_size * dp):
-        raise ConfigError(
-            f"data.global_batch_size={data.global_batch_size} is not a multiple of "
-            f"data.micro_batch_size x data-parallel size = {data.micro_batch_size} x {dp}"
-        )
-    if data.seq_length % (cp * (tp if config.sequence_parallel else 1)):
-        raise ConfigError(
-            f"data.seq_length={data.seq_length} does not split over the context-parallel size {cp}"
-            f"{f' x tensor-parallel size {tp} (sequence parallel)' if config.sequence_parallel else ''}"
-        )
     num_microbatches = data.global_batch_size // (data.micro_batch_size * dp)
     vp = config.virtual_pipeline_model_parallel_size if pp > 1 else None
-    if vp and num_microbatches < pp:
-        raise ConfigError(
-            f"the interleaved pipeline schedule needs at least pipeline_model_parallel_size={pp} "
-            f"micro-batches per step, the layout gives {num_microbatches}: raise "
-            "data.global_batch_size or lower data.micro_batch_size"
-        )
-    if config.recompute_granularity == "selective" and set(config.recompute_modules) != {"core_attn"}:
-        raise ConfigError(
-            f"recompute_modules={config.recompute_modules}: megatron_emo's layers recompute only "
-            "core_attn selectively; use recompute_modules=['core_attn'] or recompute_granularity=full"
-        )
-    if config.pipeline_model_parallel_layout is not None:
-        raise ConfigError(
-            "pipeline_model_parallel_layout is not supported: split layers with "
-            "num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage"
-        )
     return Layout(
         world_size=world_size, tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp,
         expert_dp=world_size // (pp * ep * etp), sequence_parallel=config.sequence_parallel,
@@ -366,7 +334,9 @@ def estimate_memory(run: RunConfig, *, world_size: int, vocab_size: int) -> Memo
     Raises:
         ConfigError: the layout is impossible (the message names the constraint).
     """
-    config = build_config(run, vocab_size)
+    # As training builds it on GPU (bf16 unless the run says otherwise), the vocabulary padded
+    # as training pads it; the EOS id (this package's) changes nothing here.
+    config = run.emo_config(vocab_size=run.model_vocab_size(vocab_size), eos_token_id=EOS_ID, on_gpu=True)
     layout = _layout(run, config, world_size)
     layers_per_stage = stage_layers(config)
     dense_layer, expert_layer = layer_params(config, tp=layout.tp, ep=layout.ep, etp=layout.etp)

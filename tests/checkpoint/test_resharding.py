@@ -7,15 +7,15 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
+from megatron_emo.checkpoint.store import find_latest, load_checkpoint, read_tensors, save_checkpoint
 from megatron_emo.convert.qwen2_moe import GPTSettings, to_hf_state_dict
 from megatron_emo.model.gpt import build_model_chunks
 from megatron_emo.recipes import OptimConfig, get_recipe
 from megatron_emo.testing.distributed import run_distributed
 from megatron_emo.testing.layouts import tiny_config
-from megatron_emo.training.checkpoint import find_latest, load_checkpoint, read_tensors, save_checkpoint
 from megatron_emo.training.cpu_mode import cuda_on_cpu
 from megatron_emo.training.distributed import init_model_parallel, process_group
-from megatron_emo.training.optimizer import cpu_stepper
+from megatron_emo.training.step import BatchShape, build_trainer
 from tests.training.conftest import small_run
 
 ROUTED_7 = dict(num_moe_experts=8)  # 1 shared + 7 routed: padded to 8 on EP2 and EP4
@@ -29,15 +29,16 @@ def _resave(rank, world_size, layout, source, target):
         init_model_parallel(config, seed=0)
         try:
             model = build_model_chunks(config, max_sequence_length=16, rotary_base=10_000)
-            stepper = cpu_stepper(model, OptimConfig(warmup_steps=0), total_steps=4)
+            trainer = build_trainer(model, config, OptimConfig(warmup_steps=0), BatchShape(16, 1, 1), total_steps=4,
+                                    device=torch.device("cpu"))
             if source is None:
                 for param in (p for chunk in model for p in chunk.parameters()):
-                    param.grad = torch.randn_like(param)
-                stepper.step()
+                    param.main_grad.copy_(torch.randn_like(param.main_grad))
+                trainer.update()
                 step = 1
             else:
-                step = load_checkpoint(source, model=model, optimizer=stepper.optimizer, scheduler=stepper.scheduler)
-            save_checkpoint(target, step, model=model, optimizer=stepper.optimizer, scheduler=stepper.scheduler,
+                step = load_checkpoint(source, model=model, optimizer=trainer.optimizer, scheduler=trainer.scheduler)
+            save_checkpoint(target, step, model=model, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
                             run=get_recipe("tiny"))
         finally:
             parallel_state.destroy_model_parallel()

@@ -143,8 +143,9 @@ def parameters_by_name(model, config) -> dict[str, torch.nn.Parameter]:
     return {spec.full_name: param for param, spec in parameter_shards(model, config)}
 
 
-def full_tensors(model, config,
-                 tensor_of: Callable[[torch.nn.Parameter], Optional[torch.Tensor]]) -> Optional[dict[str, torch.Tensor]]:
+def full_tensors(
+    model, config, tensor_of: Callable[[torch.nn.Parameter], Optional[torch.Tensor]]
+) -> Optional[dict[str, torch.Tensor]]:
     """Join ``tensor_of(param)`` of every rank (weights, gradients…; None leaves a parameter
     out) into one-process tensors: ``{name: tensor}`` on rank 0, None elsewhere. Every rank
     calls it."""

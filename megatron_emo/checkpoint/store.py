@@ -12,8 +12,8 @@ Layout under ``<output_dir>/checkpoints/``::
     step_00000200/manifest.json   size and SHA-256 of every file, written last
     latest                        the name of the newest complete checkpoint
 
-What the state holds is :mod:`megatron_emo.training.checkpoint_state`; its tensors are keyed and
-shaped as one process holds them (:mod:`megatron_emo.parallel.sharded_state`), so a run saved on
+What the state holds is :mod:`megatron_emo.checkpoint.state`; its tensors are keyed and
+shaped as one process holds them (:mod:`megatron_emo.checkpoint.sharded_state`), so a run saved on
 EP4 resumes on EP2 or on one GPU, and a CPU run on another layout likewise.
 
 Every rank writes its own pieces into ``.tmp-step_…``; the ranks then hash the files (each a
@@ -44,18 +44,12 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-from megatron_emo.config import EmoConfig
+from megatron_emo.checkpoint.sharded_state import sharded_tensors
+from megatron_emo.checkpoint.state import OPTIMIZER_KIND, load_model, restore, training_state
+from megatron_emo.config import MODEL_DEFAULTS
 from megatron_emo.files import fsync_dir, replace_folder
 from megatron_emo.parallel.shards import chunks_of
-from megatron_emo.parallel.sharded_state import sharded_tensors
 from megatron_emo.recipes import GPTConfig
-from megatron_emo.training.checkpoint_state import (
-    CPU_OPTIMIZER,
-    load_model,
-    optimizer_kind,
-    restore,
-    training_state,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -347,8 +341,7 @@ def config_differences(path: Path, run, *, ignore=frozenset()) -> list[str]:
     except (OSError, json.JSONDecodeError):
         return []
     current = dataclasses.asdict(run)
-    defaults = {"model": {field.name: field.default for field in dataclasses.fields(EmoConfig)},
-                "gpt": dataclasses.asdict(GPTConfig())}
+    defaults = {"model": MODEL_DEFAULTS, "gpt": dataclasses.asdict(GPTConfig())}
     differences = []
     for section in ("model", "gpt"):
         ours, theirs = current[section], saved.get(section, {})
@@ -400,13 +393,10 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, run=None, verifi
     common = dist_checkpointing.load_common_state_dict(str(path))
     if "optimizer_kind" not in common:
         raise CheckpointError(f"checkpoint {path} holds weights only: start from it with train.init_from")
-    expected_kind = optimizer_kind(optimizer)
-    if common["optimizer_kind"] != expected_kind:
-        def device(kind):
-            return "CPU" if kind == CPU_OPTIMIZER else "GPU"
+    if common["optimizer_kind"] != OPTIMIZER_KIND:
         raise CheckpointError(
-            f"checkpoint {path} holds the optimizer state of a {device(common['optimizer_kind'])} run, which "
-            f"a {device(expected_kind)} run cannot resume: start from its weights with train.init_from instead"
+            f"checkpoint {path} holds {common['optimizer_kind']!r} optimizer state (a CPU run of an earlier "
+            f"version), which this version does not resume: start from its weights with train.init_from instead"
         )
     same_world = common["world_size"] == dist.get_world_size()
     if not same_world:

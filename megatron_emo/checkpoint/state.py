@@ -1,10 +1,9 @@
 """What a training checkpoint holds, as one megatron-core sharded state dict, and putting it back.
 
-    {"model":          {one-process name: ShardedTensor}   (megatron_emo.parallel.sharded_state)
-     "optimizer":      GPU: megatron-core's distributed optimizer, "fully_reshardable" format
-                             (fp32 main weights and Adam moments by parameter, any layout);
-                       CPU: torch AdamW's moments as ShardedTensors + its step count
-     "optimizer_kind": "megatron-distributed" | "torch-adamw"
+    {"model":          {one-process name: ShardedTensor}   (megatron_emo.checkpoint.sharded_state)
+     "optimizer":      megatron-core's distributed optimizer, "fully_reshardable" format
+                       (fp32 main weights and Adam moments by parameter, any layout)
+     "optimizer_kind": "megatron-distributed"
      "scheduler":      OptimizerParamScheduler state
      "step":           steps done; the data position and the pools follow from it
      "world_size":     ranks that saved it
@@ -21,14 +20,14 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_emo.checkpoint.sharded_state import parameters_by_name, sharded_tensors
 from megatron_emo.parallel.shards import chunks_of
-from megatron_emo.parallel.sharded_state import parameters_by_name, sharded_tensors
 from megatron_emo.training.optimizer import fuse_torch_adam, optimizer_parts, torch_adam_parts
 
 logger = logging.getLogger(__name__)
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
-CPU_OPTIMIZER, GPU_OPTIMIZER = "torch-adamw", "megatron-distributed"
+OPTIMIZER_KIND = "megatron-distributed"
+"""Checkpoints of earlier versions' CPU runs hold "torch-adamw" state, which is not resumed."""
 OPTIMIZER_METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",
     "distrib_optim_fully_reshardable_mem_efficient": True,
@@ -39,35 +38,8 @@ gathered over gloo into host memory of data-parallel rank 0 only (the default wo
 whole state in the host memory of every data-parallel rank of a node)."""
 
 
-def is_cpu_optimizer(optimizer) -> bool:
-    return isinstance(optimizer, torch.optim.Optimizer)
-
-
-def optimizer_kind(optimizer) -> str:
-    return CPU_OPTIMIZER if is_cpu_optimizer(optimizer) else GPU_OPTIMIZER
-
-
 def _config(model):
     return chunks_of(model)[0].config
-
-
-def _moment(optimizer: torch.optim.Optimizer, param, key: str) -> torch.Tensor:
-    # A parameter the optimizer has not updated yet has zero moments.
-    state = optimizer.state.get(param)
-    return state[key] if state else torch.zeros_like(param)
-
-
-def _cpu_optimizer_state(model, optimizer: torch.optim.Optimizer, is_loading: bool) -> dict:
-    if is_loading:  # buffers for the loaded moments
-        for param in parameters_by_name(model, _config(model)).values():
-            optimizer.state[param] = {"step": torch.tensor(0.0), **{key: torch.zeros_like(param) for key in MOMENTS}}
-    steps = {float(state["step"]) for state in optimizer.state.values() if "step" in state}
-    return {
-        "moments": {key: sharded_tensors(model, _config(model), f"optimizer.state.{key}.",
-                                         lambda param, key=key: _moment(optimizer, param, key))
-                    for key in MOMENTS},
-        "step": max(steps, default=0.0),
-    }
 
 
 def _with_torch_adam_state(optimizer) -> None:
@@ -84,7 +56,7 @@ def _with_torch_adam_state(optimizer) -> None:
             state.setdefault("step", torch.zeros((), device=param.device))  # where the fused kernel keeps it
 
 
-def _load_gpu_optimizer(optimizer, state) -> None:
+def _load_optimizer(optimizer, state) -> None:
     """megatron-core's ``load_state_dict`` with its per-parameter state loaded separately:
     0.16.1 copies every key of a parameter's state into it, and torch Adam's ``step`` is not
     among the loaded tensors (its value comes with the param groups)."""
@@ -116,15 +88,12 @@ def training_state(model, optimizer, scheduler, step: int, *, is_loading: bool, 
     """The sharded state dict of a training checkpoint (see the module docstring); with
     ``is_loading`` its tensors are the buffers to load into."""
     model_state = sharded_tensors(model, _config(model))
-    if is_cpu_optimizer(optimizer):
-        optimizer_state = _cpu_optimizer_state(model, optimizer, is_loading)
-    else:
-        _with_torch_adam_state(optimizer)
-        optimizer_state = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+    _with_torch_adam_state(optimizer)
+    optimizer_state = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
     state = {
         "model": model_state,
         "optimizer": optimizer_state,
-        "optimizer_kind": optimizer_kind(optimizer),
+        "optimizer_kind": OPTIMIZER_KIND,
         "scheduler": scheduler.state_dict(),
         "step": step,
         "world_size": dist.get_world_size(),
@@ -150,15 +119,7 @@ def copy_weights(model, weights: dict) -> None:
 def restore(loaded: dict, model, optimizer, scheduler) -> None:
     """Put a loaded :func:`training_state` into the model, optimizer, schedule and RNGs."""
     copy_weights(model, loaded["model"])
-    if is_cpu_optimizer(optimizer):
-        moments = loaded["optimizer"]["moments"]
-        for name, param in parameters_by_name(model, _config(model)).items():
-            state = optimizer.state[param]
-            state["step"] = torch.tensor(loaded["optimizer"]["step"])
-            for key in MOMENTS:
-                state[key] = moments[key][f"optimizer.state.{key}.{name}"].to(param.dtype)
-    else:
-        _load_gpu_optimizer(optimizer, loaded["optimizer"])
+    _load_optimizer(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng" in loaded:
         rng = loaded["rng"]

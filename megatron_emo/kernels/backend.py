@@ -1,14 +1,17 @@
 """The implementation of a kernel op for a device, by the rule of every ``kernels/<op>/``.
 
 :func:`select_path` decides: Triton on CUDA, Triton's interpreter under ``TRITON_INTERPRET=1``,
-the op's PyTorch ``reference`` elsewhere. Each (op, path) is logged once per process at INFO; a
-Triton path without an importable triton raises (never a silent fallback to the reference).
+the op's PyTorch ``reference`` elsewhere. Triton reads ``TRITON_INTERPRET`` when the kernels
+are defined, so it must be set before the process's first Triton import (in practice: in the
+environment of a separate pytest process). Each (op, path) is logged once per process at INFO;
+a Triton path without an importable triton raises (never a silent fallback to the reference).
 """
 
 import importlib
 import logging
 import os
 from types import ModuleType
+from typing import Optional
 
 import torch
 
@@ -36,10 +39,14 @@ def select_path(device: torch.device) -> str:
     return "reference"
 
 
-def implementation(op: str, device: torch.device) -> ModuleType:
-    """``megatron_emo.kernels.<op>.reference`` or ``.triton_impl`` for tensors on ``device``."""
+def implementation(op: str, device: torch.device, *, name: Optional[str] = None) -> ModuleType:
+    """``megatron_emo.kernels.<op>.reference`` or ``.triton_impl`` for tensors on ``device``.
+
+    ``name`` is the op in the log line ``<name>: path = <path>`` (default ``op``), which the
+    trainer's and the benchmark's path records key on.
+    """
     path = select_path(device)
-    log_once(logger, "%s: path = %s", op, path)
+    log_once(logger, "%s: path = %s", name or op, path)
     if path == "reference":
         return importlib.import_module(f"megatron_emo.kernels.{op}.reference")
     try:
