@@ -16,10 +16,13 @@
    ``--split``), which equals the pruned folder's perplexity (tested in tests/convert/test_prune.py).
 3. Analyses which experts each model uses per domain (megatron_emo.analysis: top-25% share,
    mutual information, distinct experts per document, heat maps).
+4. With ``--set train.eval_interval=N``, the gap curve: both models' validation perplexity per
+   domain (no pool) every N steps of training, read from their ``eval.jsonl``.
 
 Writes under ``--output-dir``: ``emo/`` and ``topk/`` (run, ``hf/``, ``experts.json``,
 ``experts.png``), ``emo_effect.json`` (settings, commands, every measurement, the targets),
-``pruning.png`` (perplexity increase vs share of experts kept) and ``results.md`` (the tables).
+``pruning.png`` (perplexity increase vs share of experts kept), ``results.md`` (the tables) and,
+with evaluations during training, ``curve.png`` (EMO's perplexity gap to the standard MoE by step).
 A model already trained in ``--output-dir`` is reused (the trainer resumes from its final
 checkpoint): give a new ``--output-dir`` for other settings.
 The HF models run with no document pool, as EMO's released models do.
@@ -27,6 +30,7 @@ The HF models run with no document pool, as EMO's released models do.
 
 import argparse
 import json
+import math
 import random
 import subprocess
 import sys
@@ -211,6 +215,27 @@ def targets(results: dict) -> dict:
             "full_perplexity_gap_pct": full_gap, "full_within_2pct": abs(full_gap) <= 2.0}
 
 
+def gap_curve(output: Path) -> list[dict]:
+    """Per evaluation step of both runs: each domain's validation perplexity with no pool for
+    EMO and the standard MoE, and EMO's gap in percent (empty without evaluations)."""
+    evaluations = {}
+    for mode in MODES:
+        path = output / mode / "eval.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        evaluations[mode] = {record["step"]: record for record in map(json.loads, lines)}
+    curve = []
+    for step in sorted(set(evaluations["emo"]) & set(evaluations["topk"])):
+        emo, std = evaluations["emo"][step], evaluations["topk"][step]
+        domains = {}
+        for key in sorted(emo):
+            if key.startswith("eval/") and key.endswith("/no_pool") and key in std:
+                emo_ppl, std_ppl = math.exp(emo[key]), math.exp(std[key])
+                domains[key.split("/")[1]] = {"emo": emo_ppl, "topk": std_ppl, "gap_pct": 100 * (emo_ppl / std_ppl - 1)}
+        gaps = [d["gap_pct"] for d in domains.values()]
+        curve.append({"step": step, "domains": domains, "mean_gap_pct": sum(gaps) / len(gaps)})
+    return curve
+
+
 # ---- report ----------------------------------------------------------------------------------
 
 def plot(results: dict, path: Path) -> None:
@@ -234,6 +259,36 @@ def plot(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     figure.savefig(path, dpi=120)
+
+
+def plot_curve(curve: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    ax = figure.subplots()
+    steps = [point["step"] for point in curve]
+    for domain in curve[-1]["domains"]:
+        ax.plot(steps, [point["domains"][domain]["gap_pct"] for point in curve], alpha=0.4, linewidth=1,
+                label=domain)
+    ax.plot(steps, [point["mean_gap_pct"] for point in curve], color="black", marker="o", linewidth=2,
+            label="mean over domains")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("EMO perplexity vs standard MoE (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    figure.savefig(path, dpi=120)
+
+
+def curve_table(curve: list[dict]) -> str:
+    domains = list(curve[-1]["domains"])
+    lines = ["| step | " + " | ".join(f"{d}: EMO / standard (gap)" for d in domains) + " | mean gap |",
+             "|" + " --- |" * (2 + len(domains))]
+    for point in curve:
+        cells = [f"{point['domains'][d]['emo']:.1f} / {point['domains'][d]['topk']:.1f} "
+                 f"({point['domains'][d]['gap_pct']:+.1f}%)" for d in domains]
+        lines.append(f"| {point['step']} | " + " | ".join(cells) + f" | {point['mean_gap_pct']:+.1f}% |")
+    return "\n".join(lines) + "\n"
 
 
 def table(results: dict) -> str:
@@ -288,11 +343,15 @@ def main(argv=None) -> int:
                "argv": sys.argv[1:], "split": args.split, "fractions": FRACTIONS, "selection": "usage",
                "calibration_tokens_per_domain": scale["calibration_tokens"],
                "eval_tokens_per_domain_max": scale["eval_tokens"], "commands": commands,
-               "targets": targets(results), "results": results}
+               "targets": targets(results), "results": results, "curve": gap_curve(output)}
     (output / "emo_effect.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(results, output / "pruning.png")
-    (output / "results.md").write_text(table(results))
-    print(table(results))
+    report = table(results)
+    if summary["curve"]:
+        plot_curve(summary["curve"], output / "curve.png")
+        report += "\n" + curve_table(summary["curve"])
+    (output / "results.md").write_text(report)
+    print(report)
     print(json.dumps(summary["targets"], indent=1))
     print(f"wrote {output / 'emo_effect.json'}, {output / 'pruning.png'}, {output / 'results.md'} "
           f"in {time.time() - started:.0f} s")

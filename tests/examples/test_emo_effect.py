@@ -1,5 +1,6 @@
 """examples/emo_effect end to end at a smoke size (two 2-step one-layer models, 256 tokens of
-text per domain): every file and number it promises, for both models, trained alike. The
+text per domain, evaluated after each step): every file and number it promises, for both
+models, trained alike. The
 measured CPU run is in benchmarks/results/2026-11-25_cpu_emo_effect.json."""
 
 import json
@@ -18,7 +19,8 @@ SCRIPT = ROOT / "examples" / "emo_effect" / "emo_effect.py"
 def test_emo_effect_runs_end_to_end(tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--output-dir", str(tmp_path), "--calibration-tokens", "256",
            "--eval-tokens", "256", "--set", "train.steps=2", "--set", "optim.warmup_steps=1",
-           "--set", "model.num_layers=1", "--set", "data.seq_length=64"]
+           "--set", "model.num_layers=1", "--set", "data.seq_length=64", "--set", "train.eval_interval=1",
+           "--set", "train.eval_samples=8"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "emo_effect.json").read_text())
@@ -38,3 +40,13 @@ def test_emo_effect_runs_end_to_end(tmp_path):
     assert set(summary["targets"]) >= {"at_25pct_emo_at_most_half", "full_within_2pct"}
     assert (tmp_path / "pruning.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "results.md").read_text().count("| EMO |") == 5  # 3 domains, the mean, the analysis
+    # The gap curve: an evaluation of both models after each of the two steps.
+    assert [point["step"] for point in summary["curve"]] == [1, 2]
+    for point in summary["curve"]:
+        assert set(point["domains"]) == {"code", "docs", "prose"}
+        gaps = [d["gap_pct"] for d in point["domains"].values()]
+        assert point["mean_gap_pct"] == pytest.approx(sum(gaps) / 3)
+        for domain in point["domains"].values():
+            assert domain["gap_pct"] == pytest.approx(100 * (domain["emo"] / domain["topk"] - 1))
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| step | code: EMO / standard (gap)" in (tmp_path / "results.md").read_text()
