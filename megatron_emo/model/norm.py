@@ -1,5 +1,5 @@
-"""RMSNorm usable with sequence parallelism, on PyTorch's own kernel (one fused kernel each way on
-CUDA, fp32 arithmetic, one rounding).
+"""RMSNorm usable with sequence parallelism, on PyTorch's own ``rms_norm`` (on CUDA its fused
+kernel, forward and backward, with fp32 arithmetic on bf16 tensors: tests/model/test_norm.py).
 
 megatron-core's torch norm refuses ``sequence_parallel`` without TransformerEngine or apex;
 this one marks its weight so megatron-core sums its gradient over the tensor-parallel group.
