@@ -17,7 +17,8 @@ megatron_emo/data/site_corpus.py), and writes into --output-dir:
 It goes through the same code as tools/train_tokenizer.py and tools/preprocess_data.py, and
 prints each domain's size and the examples/emo_effect/emo_effect.py arguments that train on it.
 A non-empty --output-dir is replaced only with --force, and only if it holds nothing but what
-this tool writes.
+this tool writes. The build goes into a folder beside it, which takes its place only once complete
+(megatron_emo.files.replace_folder): a build that fails leaves the earlier one as it was.
 
 Exit codes: 0 done; 2 bad input (a missing --site-dir, a domain smaller than --min-mb, a
 non-empty --output-dir without --force, or one that --force may not replace).
@@ -50,6 +51,7 @@ from megatron_emo.data.site_corpus import (  # noqa: E402
     tokenizer_sample,
 )
 from megatron_emo.data.tokenizer import train_tokenizer  # noqa: E402
+from megatron_emo.files import replace_folder  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 MANIFEST = "manifest.json"
@@ -61,17 +63,26 @@ class OutputError(Exception):
     """An ``--output-dir`` this tool may not write or replace."""
 
 
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True, help="the folder to build the corpus in")
     parser.add_argument("--site-dir", action="append", default=[], metavar="DIR",
                         help="a site-packages folder to read; repeatable (default: this interpreter's)")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="tokenizer pieces (default: 8192)")
-    parser.add_argument("--cap-mb", type=float, help="MB of text per domain at most (default: "
+    parser.add_argument("--vocab-size", type=_positive(int), default=8192, help="tokenizer pieces (default: 8192)")
+    parser.add_argument("--cap-mb", type=_positive(float), help="MB of text per domain at most (default: "
                         + ", ".join(f"{domain} {cap / 1e6:g}" for domain, cap in DOMAIN_BYTES.items()) + ")")
-    parser.add_argument("--min-mb", type=float, default=MIN_DOMAIN_BYTES / 1e6,
+    parser.add_argument("--min-mb", type=_positive(float), default=MIN_DOMAIN_BYTES / 1e6,
                         help=f"MB of text every domain needs, or the build stops (default: {MIN_DOMAIN_BYTES / 1e6:g})")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
+    parser.add_argument("--workers", type=_positive(int), default=1, help="tokenizer processes (default: 1)")
     parser.add_argument("--keep-text", action="store_true", help="keep the documents as text/<domain>.jsonl")
     parser.add_argument("--force", action="store_true",
                         help="replace an earlier build in --output-dir (never a folder holding other files)")
@@ -80,14 +91,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def check_output(output: Path, *, force: bool) -> list[Path]:
+def check_output(output: Path, *, force: bool) -> None:
     """Refuse a file, a non-empty folder without ``force`` and a folder holding anything a build
-    does not write; return what an earlier build left there, its manifest first."""
+    does not write."""
     if output.is_symlink() or (output.exists() and not output.is_dir()):
         raise OutputError(f"refusing --output-dir {output}: it is a file or a symbolic link, not a folder")
     entries = sorted(output.iterdir()) if output.exists() else []
     if not entries:
-        return []
+        return
     if not force:
         raise OutputError(f"{output} exists and is not empty: pass --force to replace the earlier build there, "
                           "or choose another --output-dir")
@@ -97,7 +108,6 @@ def check_output(output: Path, *, force: bool) -> list[Path]:
         raise OutputError(f"refusing to replace {output}: it holds {', '.join(others[:5])}{more}, which a build does "
                           "not write (--force replaces only an earlier build); move them away or choose another "
                           "--output-dir")
-    return sorted(entries, key=lambda entry: entry.name != MANIFEST)
 
 
 def write_text(documents: dict[str, list[str]], text_dir: Path) -> dict[str, Path]:
@@ -118,31 +128,37 @@ def build(args, command: str) -> dict:
     roots = [Path(d) for d in args.site_dir] or site_dirs()
     caps = {domain: int(args.cap_mb * 1e6) for domain in DOMAINS} if args.cap_mb is not None else dict(DOMAIN_BYTES)
     progress = not args.no_progress
-    earlier = check_output(output, force=args.force)
+    check_output(output, force=args.force)
     documents, sources = site_documents(roots, caps=caps, min_bytes=int(args.min_mb * 1e6), progress=progress)
-    for entry in earlier:  # only now: a build that fails before this leaves the earlier one as it was
-        if entry.is_dir():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-    texts = write_text(documents, output / "text")
-    tokenizer = train_tokenizer(tokenizer_sample(documents), output / "tokenizer.model", args.vocab_size)
-    manifest = {"corpus": "site-packages", "command": command, "tokenizer": str(tokenizer.model_file),
+    staging = output.with_name(f".{output.name}.building-{os.getpid()}")
+    staging.mkdir(parents=True)
+    try:
+        manifest = _write(staging, output, documents, sources, args, command, caps, roots)
+        manifest.update(date=time.strftime("%Y-%m-%d"), seconds=round(time.time() - started))
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        replace_folder(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _write(staging: Path, output: Path, documents, sources, args, command, caps, roots) -> dict:
+    """The tokenizer and the datasets in ``staging``; the manifest names them where they will be,
+    in ``output``."""
+    progress = not args.no_progress
+    texts = write_text(documents, staging / "text")
+    tokenizer = train_tokenizer(tokenizer_sample(documents), staging / "tokenizer.model", args.vocab_size)
+    manifest = {"corpus": "site-packages", "command": command, "tokenizer": str(output / "tokenizer.model"),
                 "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "domains": {},
                 "caps_bytes": caps, "python": platform.python_version(), "site_dirs": [str(r) for r in roots],
                 "packages": installed_packages(roots)}
     for domain in DOMAINS:
-        prefix = output / domain
-        info, summary = preprocess([texts[domain]], prefix, tokenizer.model_file, workers=args.workers,
-                                   progress=progress)
-        manifest["domains"][domain] = {"prefix": str(prefix), "documents": info.documents, "tokens": info.tokens,
-                                       "bytes": summary.bytes, "sources": sources[domain]}
+        info, summary = preprocess([texts[domain]], staging / domain, tokenizer.model_file, workers=args.workers,
+                                   progress=progress, recorded_tokenizer=manifest["tokenizer"])
+        manifest["domains"][domain] = {"prefix": str(output / domain), "documents": info.documents,
+                                       "tokens": info.tokens, "bytes": summary.bytes, "sources": sources[domain]}
     if not args.keep_text:
-        shutil.rmtree(output / "text")
-    manifest.update(date=time.strftime("%Y-%m-%d"), seconds=round(time.time() - started))
-    tmp = output / f"{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, output / MANIFEST)
+        shutil.rmtree(staging / "text")
     return manifest
 
 

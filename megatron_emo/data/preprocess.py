@@ -25,14 +25,18 @@ def preprocess(
     workers: int = 1,
     strict: bool = False,
     progress: bool = True,
+    recorded_tokenizer: str | os.PathLike | None = None,
 ) -> tuple[DatasetInfo, PreprocessSummary]:
-    """Tokenize ``inputs`` into ``output_prefix.bin/.idx/.json`` (published only when complete)."""
+    """Tokenize ``inputs`` into ``output_prefix.bin/.idx/.json`` (published only when complete).
+    The sidecar names ``recorded_tokenizer`` (default ``tokenizer_model``): where the tokenizer
+    will be when the dataset is built in a folder that moves into place afterwards."""
     tokenizer = Tokenizer(tokenizer_model)
     summary = PreprocessSummary()
     started = time.perf_counter()
     documents = read_documents(inputs, text_key, strict, summary)
     with AtomicDatasetWriter(
-        output_prefix, tokenizer=str(tokenizer.model_file), vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id
+        output_prefix, tokenizer=str(recorded_tokenizer or tokenizer.model_file), vocab_size=tokenizer.vocab_size,
+        eos_id=tokenizer.eos_id,
     ) as writer, tqdm(unit="doc", disable=not progress, desc=Path(output_prefix).name) as bar:
         if workers > 1:
             # fork: the workers need nothing beyond the tokenizer, so nothing is re-imported.

@@ -213,6 +213,7 @@ def test_tool_end_to_end(site, tmp_path, capsys):
             len(expected[domain]), sum(len(dataset[i]) for i in range(len(dataset))))
         assert [tokenizer.decode(dataset[i][:-1].tolist()) for i in range(len(dataset))] == expected[domain]
         assert 0 < entry["bytes"] <= 4_000 and f"--data {output / domain} " in out
+        assert info.tokenizer == manifest["tokenizer"] == str(output / "tokenizer.model")  # built aside, then moved
     assert f"--tokenizer-model {output / 'tokenizer.model'}" in out
 
     # An earlier build is replaced only with --force, a folder holding anything else never.
@@ -223,3 +224,22 @@ def test_tool_end_to_end(site, tmp_path, capsys):
     (output / "notes.txt").write_text("mine")
     assert main([*args, "--force"]) == 2
     assert "refusing to replace" in capsys.readouterr().err and (output / "manifest.json").is_file()
+
+
+def test_a_failed_rebuild_leaves_the_earlier_build(site, tmp_path, monkeypatch):
+    output = tmp_path / "corpus"
+    tool = load_tool("prepare_site_corpus")
+    args = ["--output-dir", str(output), "--site-dir", str(site), "--vocab-size", "400", "--cap-mb", "0.004",
+            "--min-mb", "0.001", "--no-progress"]
+    assert tool.main(args) == 0
+    before = {p.name: p.read_bytes() for p in output.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("sentencepiece failed")
+
+    monkeypatch.setattr(tool, "train_tokenizer", broken)
+    assert tool.main([*args, "--force"]) == 2
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no staging folder left behind
+    with pytest.raises(SystemExit):  # argparse: a vocabulary must be positive
+        tool.main([*args, "--vocab-size", "0"])
