@@ -19,7 +19,7 @@ segments instead start at their EOS (the reference convention; see
 """
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -48,12 +48,10 @@ class DocumentBatch(PackedSeqParams):
                    max_seqlen_q=seq_len, max_seqlen_kv=seq_len, longest_document=longest,
                    document_ids=document_ids(tokens, eos_token_id, seed=seed, step=step, sample_index=sample_index))
 
-    def to(self, device) -> "DocumentBatch":
-        """A copy on ``device``."""
-        cu_seqlens = self.cu_seqlens_q.to(device)
-        return replace(self, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                       document_ids=self.document_ids.to(device))
-
+    def apply(self, move: Callable[[torch.Tensor], torch.Tensor]) -> "DocumentBatch":
+        """The batch with ``move`` applied to its tensors (e.g. a copy to a device)."""
+        cu_seqlens = move(self.cu_seqlens_q)
+        return replace(self, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, document_ids=move(self.document_ids))
 
 def run_model(model, tokens: torch.Tensor, documents: DocumentBatch, labels: Optional[torch.Tensor] = None):
     """``model`` (a GPTModel or pipeline chunk) on ``tokens [b, s]`` with their documents: the

@@ -68,8 +68,19 @@ def forward_step(data_iterator, model):
 
 
 def to_device(batch: dict, documents: DocumentBatch, device) -> tuple:
-    """A micro-batch as :func:`forward_step` reads it, on ``device``."""
-    return (*(batch[key].to(device) for key in ("tokens", "labels", "loss_mask")), documents.to(device))
+    """A micro-batch as :func:`forward_step` reads it, on ``device``.
+
+    To a GPU the host tensors go through pinned memory, asynchronously: a copy from pageable
+    memory would make the host wait for the GPU to finish the previous micro-batch before it
+    could queue the next one, leaving the GPU idle while the host catches up."""
+    move = functools.partial(_copy_to, device=torch.device(device))
+    return (*(move(batch[key]) for key in ("tokens", "labels", "loss_mask")), documents.apply(move))
+
+
+def _copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def microbatch_samples(global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int):
