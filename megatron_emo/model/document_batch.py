@@ -53,6 +53,7 @@ class DocumentBatch(PackedSeqParams):
         cu_seqlens = move(self.cu_seqlens_q)
         return replace(self, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, document_ids=move(self.document_ids))
 
+
 def run_model(model, tokens: torch.Tensor, documents: DocumentBatch, labels: Optional[torch.Tensor] = None):
     """``model`` (a GPTModel or pipeline chunk) on ``tokens [b, s]`` with their documents: the
     per-token loss with ``labels``, else the logits."""
