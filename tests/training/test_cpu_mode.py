@@ -30,6 +30,7 @@ def test_ddp_buffer_collectives_of_one_process_are_copies(megatron_cpu):
     assert torch.equal(shard, buffer)
     gathered = torch.zeros(6)
     handle = param_and_grad_buffer.dist_all_gather_func(gathered, shard, group=None, async_op=True)
+    assert not isinstance(handle, torch.distributed.Work)  # copied here, not queued to gloo's threads
     handle.wait()
     assert torch.equal(gathered, buffer)
 
