@@ -19,8 +19,9 @@ States, bytes per parameter a rank holds::
     optimizer    12 / D     fp32 master weights, Adam m and v, sharded by the distributed
                             optimizer over D = DP·CP = world/(TP·PP) ranks for dense parameters
                             and D = expert DP = world/(PP·EP·ETP) for the routed experts
-    step         4 / D      torch's foreach AdamW makes one fp32 temporary per parameter, while
-                            no activations are held
+
+The optimizer step adds nothing that counts: torch's fused AdamW updates in place, and the
+gradient clipping's norms are one scalar per tensor.
 
 Parameters of one layer on one rank: norms 2h; attention h·(n + 2g)·d/TP + n·d·h/TP; router E·h;
 shared expert 3·h·F_s/TP; routed experts 3·h·(F/ETP)·E_p/EP (the padding experts are allocated).
@@ -29,14 +30,13 @@ First stage: the embedding V·h/TP; last stage: the final norm h and the output 
 
 Activations one layer saves for backward, one micro-batch, bytes::
 
-    norms           2 · 8h·T_sp           our fp32 RMSNorm keeps its fp32 input and output
+    norms           2 · (a·h + 4)·T_sp    each RMSNorm keeps its input and fp32 1/rms
     attention       a·h·T_sp              QKV input (gathered again in backward under SP)
                   + a·(n + 2g)d·T/TP      QKV output (the V view keeps it)
                   + a·(n + g)d·T/TP       q and k after RoPE
                   + a·n·d·T/TP            output-projection input
     core attention  a·n·d·T/TP            SDPA output
-                  + 4n·T/TP               its log-sum-exp
-                  + a·b·s²                the document-causal mask, kept as SDPA's bias
+                  + 4n·T/TP               its log-sum-exp (documents are cu_seqlens: no mask)
     router          4h·T_sp               fp32 copy of its input
                   + (4E + 12K + 4)·T      probabilities, indices (int64), gate weights and
                                           log-sum-exp of every token (the logits are gathered)
@@ -52,8 +52,9 @@ rows are not stored. ``full`` keeps only each recompute unit's input, a·h·T_sp
 makes units of ``recompute_num_layers`` layers, ``block`` recomputes the first
 ``recompute_num_layers`` layers of every model chunk one by one and stores the others.
 
-Last stage, one micro-batch: final norm 8h·T_sp, output-layer input a·h·T_sp, cross-entropy
-(a + 4)·T·V/TP (the logits and megatron-core's fp32 softmax of them).
+Last stage, one micro-batch: final norm (a·h + 4)·T_sp, output-layer input a·h·T_sp,
+cross-entropy a·T·V/TP + 12·T (the fused loss keeps the logits, whose gradient it writes over
+them, and each token's fp32 log-sum-exp and int64 target).
 
 Pipeline: model chunks held at once on stage r with M micro-batches per step: 1 without a
 pipeline; min(PP − r, M) with 1F1B; min(2(PP − r − 1) + (v − 1)·G + 1, M·v) interleaved over v
@@ -128,13 +129,11 @@ class StageMemory:
     weights: int
     grads: int
     optimizer: int
-    optimizer_step: int
     activations: dict
 
     def total(self, recompute: str) -> int:
-        """Peak of the step: the states plus the larger of the activations and the optimizer
-        step's temporaries (they never coexist)."""
-        return self.weights + self.grads + self.optimizer + max(self.activations[recompute], self.optimizer_step)
+        """Peak of the step: the states plus the activations."""
+        return self.weights + self.grads + self.optimizer + self.activations[recompute]
 
 
 @dataclass(frozen=True)
@@ -169,7 +168,7 @@ class MemoryEstimate:
             f"with recompute {self.recompute}) but {gpu_memory / GiB:.0f} GiB less a "
             f"{reserve / GiB:.0f} GiB reserve leaves {room / GiB:.1f}: "
         )
-        if states + stage.optimizer_step > room:
+        if states > room:
             return reason + (
                 "the parameter states alone do not fit; spread them over more GPUs (raise "
                 "model.expert_model_parallel_size, the data-parallel size, or "
@@ -260,16 +259,15 @@ def layer_activations(config, layout: Layout) -> dict:
     a = _element_bytes(config)
     h, d, tp = config.hidden_size, config.kv_channels, layout.tp
     n, g = config.num_attention_heads, config.num_query_groups
-    s = layout.seq_length // layout.cp
     tokens, tokens_sp = _tokens(layout)
     experts, topk = config.num_routed_experts, config.routed_topk
     rows = tokens * topk
     ffn = config.moe_ffn_hidden_size // layout.etp
     shared = config.emo_num_shared_experts * config.moe_ffn_hidden_size
     return {
-        "norms": 2 * 8 * h * tokens_sp,
+        "norms": 2 * (a * h + 4) * tokens_sp,
         "attention": a * h * tokens_sp + a * ((n + 2 * g) + (n + g) + n) * d * tokens // tp,
-        "core attention": (a * n * d + 4 * n) * tokens // tp + a * layout.micro_batch_size * s * s,
+        "core attention": (a * n * d + 4 * n) * tokens // tp,
         "router": 4 * h * tokens_sp + (4 * experts + 12 * topk + 4) * tokens,
         "routed experts": (a * h + 3 * a * ffn) * rows + (a * h + 8) * rows + (16 * rows if layout.ep > 1 else 0),
         "shared expert": a * h * tokens_sp + 5 * a * shared * tokens // tp,
@@ -308,7 +306,8 @@ def _activation_peaks(config, layout: Layout, parts: dict, rank: int, layers: in
     io = unit_input * ((rank > 0) + (rank < layout.pp - 1 and not config.deallocate_pipeline_outputs))
     lm_head = 0
     if rank == layout.pp - 1:
-        lm_head = (8 + a) * config.hidden_size * tokens_sp + (a + 4) * tokens * config.emo_vocab_size // layout.tp
+        final_norm_and_head_input = (2 * a * config.hidden_size + 4) * tokens_sp
+        lm_head = final_norm_and_head_input + a * tokens * config.emo_vocab_size // layout.tp + 12 * tokens
     # (stored per model chunk, rebuilt by recomputation in backward)
     per_chunk = {
         "none": (chunk_layers * layer, 0),
@@ -365,7 +364,6 @@ def estimate_memory(run: RunConfig, *, world_size: int, vocab_size: int) -> Memo
             weights=weight_bytes * (dense + experts),
             grads=4 * (dense + experts),
             optimizer=int(optimizer_bytes * sharded),
-            optimizer_step=int(4 * sharded),
             activations=_activation_peaks(config, layout, parts, rank, layers, largest),
         ))
     padding = ExpertLayout(config.num_routed_experts, layout.ep).num_padded - config.num_routed_experts

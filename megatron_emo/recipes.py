@@ -236,11 +236,10 @@ def proxy_1gpu() -> RunConfig:
     (data-parallel size 1, so a distributed optimizer shards nothing) training keeps 18 bytes
     per parameter: bf16 weights 2, fp32 gradients 4, fp32 main weights 4, Adam moments 8.
     3 layers: 2.88B params, 48.2 GiB; 4 layers: 3.70B, 62.0 GiB. Activations of one micro-batch
-    of 2 × 4096 tokens: the 2-layer run of benchmarks/results/2026-11-25_h100_emo_vs_topk_2layer
-    .json peaked 9.4 GiB above its 34.4 GiB of states (the LM head's fp32 loss over 100k logits
-    is most of it); at up to 2 GiB per further layer, 3 layers peak near 60 GiB and 4 layers near
-    76 GiB of the H100's 79.6, too close to run: 3 layers (``tools/estimate_memory.py --recipe
-    proxy_1gpu --world-size 1``: 60.0 GiB; 75.8 GiB with 4 layers, refused). Micro-batches of 2
+    of 2 × 4096 tokens add 7.6 GiB with 3 layers (``tools/estimate_memory.py --recipe proxy_1gpu
+    --world-size 1``: 55.9 GiB in all; measured on an H200 on 2026-12-05: 53.9 GiB) and 8.9 GiB
+    with 4 (70.9 GiB: it would fit the 80 GB H100's 79.6, but the proxy stays at 3 layers so
+    that its results compare across dates). Micro-batches of 2
     sequences (8192 tokens, ~450 rows per expert) and 16 sequences per step, the per-GPU share of
     EMO's 1024 sequences on 64 GPUs.
     """

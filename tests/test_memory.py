@@ -41,27 +41,26 @@ def test_hand_checked_tiny_model():
     # 128 each, final norm 8.
     (stage,) = estimate.stages
     assert stage.params == estimate.model_params == 2 * (392 + 288) + 128 + 128 + 8 == 1624
-    assert (stage.weights, stage.grads, stage.optimizer, stage.optimizer_step) == (
-        2 * 1624, 4 * 1624, 12 * 1624, 4 * 1624
-    )
+    assert (stage.weights, stage.grads, stage.optimizer) == (2 * 1624, 4 * 1624, 12 * 1624)
     # T = 8 tokens, N = 8 routed rows, bf16 activations (a = 2).
     assert estimate.layer_activations == {
-        "norms": 2 * 8 * 8 * 8,                            # 2 · 8h·T
+        "norms": 2 * (2 * 8 + 4) * 8,                      # 2 · (a·h + 4)·T
         "attention": 2 * 8 * 8 + 2 * (6 + 4 + 2) * 4 * 8,  # a·h·T + a·((n+2g) + (n+g) + n)·d·T
-        "core attention": (2 * 2 * 4 + 4 * 2) * 8 + 2 * 8 * 8,  # (a·n·d + 4n)·T + a·b·s²
+        "core attention": (2 * 2 * 4 + 4 * 2) * 8,         # (a·n·d + 4n)·T
         "router": 4 * 8 * 8 + (4 * 3 + 12 * 1 + 4) * 8,    # 4h·T + (4E + 12K + 4)·T
         "routed experts": (2 * 8 + 3 * 2 * 4) * 8 + (2 * 8 + 8) * 8,
         "shared expert": 2 * 8 * 8 + 5 * 2 * 4 * 8,
     }
     layer = sum(estimate.layer_activations.values())
-    assert layer == 3680
+    assert layer == 2848
     # Two layers stored, one layer of backward gradients, the largest bf16 gradient (fc1 or QKV:
-    # 192 elements), the LM head: (8 + a)·h·T + (a + 4)·T·V.
-    lm_head = 10 * 8 * 8 + 6 * 8 * 16
-    assert stage.activations["none"] == 2 * layer + layer + 2 * 192 + lm_head == 12832
+    # 192 elements), the LM head: final norm and output-layer input (2a·h + 4)·T, the loss
+    # a·T·V + 12·T.
+    lm_head = 36 * 8 + 2 * 8 * 16 + 12 * 8
+    assert stage.activations["none"] == 2 * layer + layer + 2 * 192 + lm_head == 9568
     # Full recompute: each layer keeps its input a·h·T and one layer is rebuilt in backward.
     assert stage.activations["full"] == 2 * 128 + layer + layer + 2 * 192 + lm_head
-    assert stage.total("none") == 18 * 1624 + 12832
+    assert stage.total("none") == 18 * 1624 + 9568
 
 
 def test_parameter_count_matches_the_built_model(megatron_cpu):
@@ -115,10 +114,10 @@ def test_refusal_names_the_cause_and_the_cli_exits_nonzero(capsys):
     from tools.estimate_memory import EXIT_DOES_NOT_FIT, main
 
     estimate = estimate_memory(_hand_run(), world_size=1, vocab_size=16)
-    # 42,064 bytes at the peak, of which 29,232 are states (35,728 with the optimizer step's).
-    assert estimate.refusal(gpu_memory=43_000, reserve=0) is None
-    assert "lower data.micro_batch_size" in estimate.refusal(gpu_memory=43_000, reserve=1_000)
-    assert "parameter states alone do not fit" in estimate.refusal(gpu_memory=35_000, reserve=0)
+    # 38,800 bytes at the peak, of which 29,232 are states.
+    assert estimate.refusal(gpu_memory=39_000, reserve=0) is None
+    assert "lower data.micro_batch_size" in estimate.refusal(gpu_memory=39_000, reserve=1_000)
+    assert "parameter states alone do not fit" in estimate.refusal(gpu_memory=29_000, reserve=0)
     argv = ["--recipe", "emo_1b14b", "--world-size", "8", "--set", "model.expert_model_parallel_size=8"]
     assert main(argv) == EXIT_DOES_NOT_FIT  # micro-batch 4 without recomputation: ~94 GiB
     assert "does not fit" in capsys.readouterr().err
