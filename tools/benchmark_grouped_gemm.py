@@ -158,9 +158,10 @@ def print_grouped_gemm(records):
 
 def _emo_layer(batch, seq, docs_per_row):
     from megatron_emo.benchmark.synthetic import cut_into_documents
+    from megatron_emo.model.document_batch import DocumentBatch
     from megatron_emo.model.moe_layer import EmoMoELayer
     from megatron_emo.recipes import emo_1b14b
-    from megatron_emo.routing.documents import document_ids
+    from megatron_emo.routing.documents import TrainingPools
     from megatron_emo.training.distributed import init_model_parallel, init_process_group
 
     eos = 2
@@ -173,7 +174,8 @@ def _emo_layer(batch, seq, docs_per_row):
     ids = torch.randint(3, 1000, (batch, seq), generator=gen)
     for row in ids:
         cut_into_documents(row, docs_per_row, eos, gen)
-    docs = document_ids(ids.cuda(), eos, seed=0, step=0, sample_index=torch.arange(batch).cuda())
+    docs = DocumentBatch.of(ids, eos, seed=0, step=0, sample_index=torch.arange(batch),
+                            pools=TrainingPools.of(config)).apply(lambda tensor: tensor.cuda())
     hidden = torch.randn(seq, batch, config.hidden_size, generator=gen).cuda().bfloat16()
     return layer, config, hidden.requires_grad_(True), docs
 

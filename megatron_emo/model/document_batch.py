@@ -1,15 +1,16 @@
 """The documents of a micro-batch, computed once and handed to every layer.
 
 A :class:`DocumentBatch` holds what a micro-batch's documents imply for the model: the router's
-document ids (:func:`megatron_emo.routing.documents.document_ids`) and attention's document
-boundaries (``cu_seqlens`` for the variable-length flash kernel). It is megatron-core's
+segments and, in training, every layer's pool for each of them (from the document ids of
+:func:`megatron_emo.routing.documents.document_ids`), and attention's document boundaries
+(``cu_seqlens`` for the variable-length flash kernel). It is megatron-core's
 ``PackedSeqParams``, extended: ``GPTModel.forward(..., packed_seq_params=)`` is megatron-core's
 public path to every layer's core attention, forward and recomputed backward alike, and
 :class:`megatron_emo.model.layer.EmoTransformerLayer` hands the same object to the MoE layer.
 
 It is built from the token ids on the host, before they go to the GPU (the data loader's copy):
-the number of documents decides the length of ``cu_seqlens``, so building it from GPU ids
-would make the host wait for the GPU once per micro-batch.
+the number of documents decides the length of ``cu_seqlens`` and of the pool table, so building
+it from GPU ids would make the host wait for the GPU once per micro-batch.
 
 Rows are independent. Within a row an attention document ends at and includes its EOS: a new
 document starts at position 0 of every row and right after every EOS, so a row that begins
@@ -24,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_emo.routing.documents import document_ids
+from megatron_emo.routing.documents import TrainingPools, document_ids, segment_index
 
 
 @dataclass
@@ -32,26 +33,33 @@ class DocumentBatch(PackedSeqParams):
     """megatron-core's packed-sequence parameters in ``sbhd`` layout (``max_seqlen_q/kv``: the
     row length, which megatron-core sizes the rotary table by), plus:"""
 
-    document_ids: Optional[torch.Tensor] = None
-    """int64 ``[b, s]`` router document ids."""
+    segment_ids: Optional[torch.Tensor] = None
+    """int64 ``[b*s]``, rows flattened in order: each token's router segment, 0 .. N - 1."""
+    training_pools: Optional[torch.Tensor] = None
+    """int64 ``[num_layers, N]``: layer ``l``'s training pool of each router segment in row
+    ``l - 1`` (:meth:`TrainingPools.table`); None when the routing has no pools."""
     longest_document: Optional[int] = None
     """Tokens in the longest attention document: the flash kernel's ``max_seqlen``."""
 
     @classmethod
     def of(cls, tokens: torch.Tensor, eos_token_id: int, *, seed: int, step: int,
-           sample_index: torch.Tensor) -> "DocumentBatch":
+           sample_index: torch.Tensor, pools: Optional[TrainingPools]) -> "DocumentBatch":
         """The documents of ``tokens [b, s]``; ``seed``, ``step`` and ``sample_index`` (each row's
-        index in the step's global batch) key the router's ids."""
+        index in the step's global batch) key the router's document ids, from which ``pools``
+        (:meth:`TrainingPools.of` the model config) draws every layer's training pools."""
         cu_seqlens, longest = attention_boundaries(tokens, eos_token_id)
+        ids = document_ids(tokens, eos_token_id, seed=seed, step=step, sample_index=sample_index)
         seq_len = tokens.shape[1]
         return cls(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                    max_seqlen_q=seq_len, max_seqlen_kv=seq_len, longest_document=longest,
-                   document_ids=document_ids(tokens, eos_token_id, seed=seed, step=step, sample_index=sample_index))
+                   segment_ids=segment_index(ids), training_pools=None if pools is None else pools.table(ids))
 
     def apply(self, move: Callable[[torch.Tensor], torch.Tensor]) -> "DocumentBatch":
         """The batch with ``move`` applied to its tensors (e.g. a copy to a device)."""
         cu_seqlens = move(self.cu_seqlens_q)
-        return replace(self, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, document_ids=move(self.document_ids))
+        pools = None if self.training_pools is None else move(self.training_pools)
+        return replace(self, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                       segment_ids=move(self.segment_ids), training_pools=pools)
 
 
 def run_model(model, tokens: torch.Tensor, documents: DocumentBatch, labels: Optional[torch.Tensor] = None):

@@ -61,7 +61,7 @@ class EmoMoELayer(MegatronModule):
         """``hidden_states [s, b, h]`` (``[s/TP, b, h]`` under sequence parallelism) and the
         micro-batch's documents (megatron-core's ``padding_mask`` slot, see
         :mod:`megatron_emo.model.layer`) → ``(output shaped as hidden_states, None)``."""
-        weights, indices = self.router(hidden_states, padding_mask.document_ids)
+        weights, indices = self.router(hidden_states, padding_mask.segment_ids, padding_mask.training_pools)
         rows, group_sizes, plan = self.dispatch(hidden_states, indices)
         expert_rows = self.experts(rows, group_sizes)
         output = self.combine(expert_rows, weights, plan)

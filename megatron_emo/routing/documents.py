@@ -1,7 +1,7 @@
 """Document identities and layout-invariant pool sizes.
 
 EMO restricts every document to a pool of experts, so the router must know where documents
-start. We derive, once per forward, a *document id* for every token of a batch::
+start. We derive, once per micro-batch, a *document id* for every token of a batch::
 
     input_ids [b, s] --EOS flags--> ordinal of the segment within its row [b, s]
     (seed, step, global sample index) --hash--> row key [b]
@@ -11,8 +11,13 @@ A segment starts at position 0 and at every EOS at position > 0; the EOS belongs
 it starts (the reference convention). Document ids depend only on the data and on the sample's
 index in the step's global batch, never on how the batch is split over ranks or micro-batches,
 so a pool size hashed from (document id, layer) is the same on one process and on any layout,
-and after a resume. Everything here is vectorised: no loop over documents, no host sync.
+and after a resume. Everything here is vectorised, no loop over documents; only
+:meth:`TrainingPools.table` reads a data-dependent size (the number of segments), which is why
+it runs on the host.
 """
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -97,32 +102,45 @@ def segment_index(document_ids: torch.Tensor) -> torch.Tensor:
     return segment_ordinals(segment_starts(document_ids).flatten())
 
 
-def sample_pool_sizes(
-    document_ids: torch.Tensor, layer_number: int, pool_min: int, pool_max: int
-) -> torch.Tensor:
-    """Training pool size of every token's document in one layer, uniform on [pool_min, pool_max].
+def sample_pool_sizes(document_ids: torch.Tensor, layer_number, pool_min: int, pool_max: int) -> torch.Tensor:
+    """Training pool size of documents in a layer, uniform on [pool_min, pool_max].
 
     Args:
-        document_ids: int64 ``[b, s]`` from :func:`document_ids`.
-        layer_number: the MoE layer (each layer draws independently).
+        document_ids: int64 ids from :func:`document_ids`, any shape.
+        layer_number: the MoE layer (each layer draws independently), an int or an int64
+            tensor that broadcasts with ``document_ids``.
 
     Returns:
-        int64 ``[b, s]``, equal for all tokens of a document.
+        int64, the broadcast shape: equal for equal (document, layer).
     """
     span = pool_max - pool_min + 1
     return pool_min + hash_combine(document_ids, layer_number) % span
 
 
-def pool_sizes_per_segment(token_pool_sizes: torch.Tensor, seg_index: torch.Tensor) -> torch.Tensor:
-    """Pool sizes indexed by dense segment index, without knowing the segment count on the host.
+@dataclass(frozen=True)
+class TrainingPools:
+    """How a run draws its training pools: a size uniform on [pool_min, pool_max] for every
+    document in each of the layers 1 .. num_layers (megatron-core's global layer numbers)."""
 
-    Args:
-        token_pool_sizes: int ``[T]``, the pool of each token's segment.
-        seg_index: int64 ``[T]`` from :func:`segment_index`.
+    num_layers: int
+    pool_min: int
+    pool_max: int
 
-    Returns:
-        int64 ``[T]``: entry i is segment i's pool; entries past the last segment are 0 and unused.
-    """
-    pools = torch.zeros_like(seg_index)
-    # Every token of a segment writes the same value, so the scatter is deterministic.
-    return pools.scatter_(0, seg_index, token_pool_sizes.flatten().to(torch.int64))
+    @classmethod
+    def of(cls, config) -> Optional["TrainingPools"]:
+        """The pools of a model config; None when its routing has none (``topk`` mode, or a
+        model without the EMO router)."""
+        if getattr(config, "emo_router_mode", "topk") == "topk":
+            return None
+        return cls(config.num_layers, config.emo_pool_min, config.emo_pool_max)
+
+    def table(self, document_ids: torch.Tensor) -> torch.Tensor:
+        """int64 ``[num_layers, N]``: row ``l - 1`` holds layer ``l``'s pool of each of the N
+        router segments of ``document_ids [b, s]`` (:func:`segment_index`'s order), the
+        ``pool_sizes`` of :func:`megatron_emo.kernels.routing.route` for that layer.
+
+        One draw for every layer at once, on the host: the router then only selects its row,
+        instead of hashing every token in every layer on the device."""
+        segment_documents = document_ids.flatten()[segment_starts(document_ids).flatten()]
+        layers = torch.arange(1, self.num_layers + 1, device=document_ids.device)
+        return sample_pool_sizes(segment_documents[None, :], layers[:, None], self.pool_min, self.pool_max)

@@ -3,6 +3,9 @@
     hidden [s, b, h] --W (fp32)--> logits [s*b, E] --rows first--> route(segments, pools)
     --> weights, indices [s*b, K]   (+ LB and z-loss attached to the weights' backward)
 
+The segments and the training pools come with the micro-batch, computed once for every layer
+(:class:`megatron_emo.model.document_batch.DocumentBatch`); a layer selects its row of pools.
+
 A clean module rather than a megatron-core ``Router`` subclass: in megatron-core 0.16.1
 ``Router.gating`` moves its weight to CUDA and calls a TransformerEngine-only GEMM, and
 ``TopKRouter`` renormalises and computes its losses on unmasked scores, none of which EMO wants.
@@ -23,7 +26,6 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron_emo.config import EmoConfig
 from megatron_emo.kernels.routing import route
 from megatron_emo.kernels.routing.reference import at_least_fp32
-from megatron_emo.routing import documents
 from megatron_emo.routing.balance import load_balancing_loss, z_loss
 from megatron_emo.routing.metrics import RoutingMetrics
 
@@ -32,8 +34,9 @@ class DocumentPooledRouter(MegatronModule):
     """Routes every token to ``routed_topk`` experts inside its document's pool.
 
     Pools: in training a size hashed from (document id, layer), uniform on
-    [emo_pool_min, emo_pool_max]; in eval the fixed ``emo_eval_pool`` (None: no pool); none at
-    all in ``topk`` mode.
+    [emo_pool_min, emo_pool_max] (the micro-batch's pool table,
+    :class:`megatron_emo.routing.documents.TrainingPools`); in eval the fixed
+    ``emo_eval_pool`` (None: no pool); none at all in ``topk`` mode.
     """
 
     def __init__(self, config: EmoConfig):
@@ -54,28 +57,36 @@ class DocumentPooledRouter(MegatronModule):
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
 
-    def pool_sizes(self, document_ids: torch.Tensor, seg: torch.Tensor) -> Optional[torch.Tensor]:
-        """Pool of every document (int64 ``[b*s]`` per dense segment ``seg``), or None for no pool."""
+    def pool_sizes(self, segment_ids: torch.Tensor, training_pools: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """This layer's pool of every segment (int64, indexed by segment), or None for no pool."""
         config = self.config
         if config.emo_router_mode == "topk":
             return None
         if self.training:
-            token_pools = documents.sample_pool_sizes(
-                document_ids, self.layer_number, config.emo_pool_min, config.emo_pool_max
-            )
-        elif config.emo_eval_pool is None:
+            if training_pools is None or training_pools.shape[0] < self.layer_number:
+                carried = "none" if training_pools is None else f"pools of layers 1 to {training_pools.shape[0]}"
+                raise ValueError(
+                    f"layer {self.layer_number} trains with pools but the micro-batch carries {carried}: "
+                    "build its DocumentBatch with pools=TrainingPools.of(the model config)"
+                )
+            return training_pools[self.layer_number - 1]
+        if config.emo_eval_pool is None:
             return None
-        else:
-            token_pools = torch.full_like(document_ids, config.emo_eval_pool)
-        return documents.pool_sizes_per_segment(token_pools, seg)
+        # Indexed by segment; the segment count is at most the token count.
+        return torch.full_like(segment_ids, config.emo_eval_pool)
 
-    def forward(self, hidden_states: torch.Tensor, document_ids: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor, segment_ids: torch.Tensor,
+                training_pools: Optional[torch.Tensor] = None):
         """Route a micro-batch.
 
         Args:
             hidden_states: ``[s, b, h]`` post-norm MoE input (``[s/TP, b, h]`` under sequence
                 parallelism).
-            document_ids: int64 ``[b, s]`` from :func:`megatron_emo.routing.documents.document_ids`.
+            segment_ids: int64 ``[b*s]``, rows flattened: each token's router segment
+                (:attr:`DocumentBatch.segment_ids <megatron_emo.model.document_batch.DocumentBatch>`).
+            training_pools: int64 ``[num_layers, N]``, every layer's training pool of each
+                segment (:meth:`megatron_emo.routing.documents.TrainingPools.table`); needed
+                in training unless the mode is ``topk``.
 
         Returns:
             ``(weights, indices)``: fp32 and int64 ``[s*b, K]`` for the whole sequence, in
@@ -91,8 +102,7 @@ class DocumentPooledRouter(MegatronModule):
         seq_len, batch, _ = logits.shape
         # Segments are contiguous along rows, so route in row-major ([b, s]) token order.
         logits = logits.transpose(0, 1).reshape(batch * seq_len, -1)
-        segment_ids = documents.segment_index(document_ids)
-        pool_sizes = self.pool_sizes(document_ids, segment_ids)
+        pool_sizes = self.pool_sizes(segment_ids, training_pools)
         weights, indices, probs, logsumexp = route(
             logits, segment_ids, pool_sizes, config.routed_topk, return_logsumexp=True
         )

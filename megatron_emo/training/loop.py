@@ -30,6 +30,7 @@ from megatron_emo.data.tokenizer import Tokenizer
 from megatron_emo.model.document_batch import DocumentBatch
 from megatron_emo.model.gpt import build_model_chunks
 from megatron_emo.recipes import RunConfig
+from megatron_emo.routing.documents import TrainingPools
 from megatron_emo.routing.router import DocumentPooledRouter
 from megatron_emo.training.cpu_mode import megatron_device
 from megatron_emo.training.distributed import Runtime, init_model_parallel, init_process_group, shutdown_distributed
@@ -57,8 +58,9 @@ class RunData:
     validation: dict | None
 
     def documents_of(self, config: EmoConfig):
-        """DocumentBatch.of with the run's EOS id and routing seed."""
-        return functools.partial(DocumentBatch.of, eos_token_id=self.tokenizer.eos_id, seed=config.emo_routing_seed)
+        """DocumentBatch.of with the run's EOS id, routing seed and training pools."""
+        return functools.partial(DocumentBatch.of, eos_token_id=self.tokenizer.eos_id, seed=config.emo_routing_seed,
+                                 pools=TrainingPools.of(config))
 
 
 def resolve_data(run: RunConfig) -> tuple[list[tuple[float, str]], Tokenizer]:
@@ -78,7 +80,7 @@ def resolve_data(run: RunConfig) -> tuple[list[tuple[float, str]], Tokenizer]:
 
 def microbatches(dataset, run: RunConfig, runtime: Runtime, step: int, documents_of):
     """This rank's micro-batches of the step; ``documents_of``: DocumentBatch.of with the run's
-    EOS id and routing seed."""
+    EOS id, routing seed and training pools."""
     data = run.data
     for sample_index in microbatch_samples(
         data.global_batch_size, data.micro_batch_size, runtime.data_parallel_rank, runtime.data_parallel_size

@@ -7,6 +7,7 @@ import torch
 from megatron_emo.benchmark.timeline import COMPONENTS, Timeline, busy_and_idle, instrument, union_length
 from megatron_emo.model.document_batch import DocumentBatch, run_model
 from megatron_emo.model.gpt import build_gpt_model
+from megatron_emo.routing.documents import TrainingPools
 from tests.conftest import make_config
 
 EOS = 2
@@ -31,7 +32,8 @@ def test_a_model_step_is_split_into_every_part(megatron_cpu):
         param.register_post_accumulate_grad_hook(lambda p, name=name: accumulated.update({name: timeline.current()}))
     tokens = torch.randint(4, 64, (2, 24))
     tokens[:, 5::7] = EOS
-    documents = DocumentBatch.of(tokens, EOS, seed=7, step=0, sample_index=torch.arange(2))
+    documents = DocumentBatch.of(tokens, EOS, seed=7, step=0, sample_index=torch.arange(2),
+                                 pools=TrainingPools.of(model.config))
     with instrument(model, timeline):
         for _ in range(2):
             with timeline.step():

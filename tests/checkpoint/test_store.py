@@ -22,6 +22,7 @@ from megatron_emo.checkpoint.store import (
 from megatron_emo.model.document_batch import DocumentBatch
 from megatron_emo.model.gpt import build_gpt_model
 from megatron_emo.recipes import OptimConfig, get_recipe
+from megatron_emo.routing.documents import TrainingPools
 from megatron_emo.training.optimizer import optimizer_parts
 from megatron_emo.training.step import BatchShape, build_trainer
 from tests.conftest import make_config
@@ -43,7 +44,8 @@ def training_state(trainer) -> dict:
 
 def _step(trainer):
     tokens = torch.randint(3, 64, (2, 16))
-    documents = DocumentBatch.of(tokens, 2, seed=0, step=0, sample_index=torch.arange(2))
+    documents = DocumentBatch.of(tokens, 2, seed=0, step=0, sample_index=torch.arange(2),
+                                 pools=TrainingPools.of(make_config()))
     trainer.train_step(lambda: iter([(tokens, tokens, torch.ones(2, 16), documents)]))
 
 

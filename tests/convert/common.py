@@ -3,12 +3,14 @@
 import torch
 
 from megatron_emo.model.document_batch import DocumentBatch, run_model
+from megatron_emo.routing.documents import TrainingPools
 
 
 def our_logits(model, tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """fp32 logits ``[b, s, V]`` of our GPTModel, called as in training (document ids derived
     from the tokens; with no EOS in ``tokens`` attention is plain causal, as HF's)."""
-    documents = DocumentBatch.of(tokens, eos_token_id, seed=0, step=0, sample_index=torch.arange(tokens.shape[0]))
+    documents = DocumentBatch.of(tokens, eos_token_id, seed=0, step=0, sample_index=torch.arange(tokens.shape[0]),
+                                 pools=TrainingPools.of(model.config))
     with torch.no_grad():
         return run_model(model, tokens, documents).float()
 

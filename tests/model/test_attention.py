@@ -25,7 +25,7 @@ def test_core_attention_is_causal_within_documents_and_an_eos_closes_its_documen
     # Row 0: the EOS at 2 ends the first document. Row 1 begins with EOS (it closes the previous
     # row's document), so that EOS is a document of its own.
     ids = torch.tensor([[5, 6, EOS, 7, 8, 9], [EOS, 5, 6, 7, 8, 9]])
-    documents = DocumentBatch.of(ids, EOS, seed=0, step=0, sample_index=torch.arange(b))
+    documents = DocumentBatch.of(ids, EOS, seed=0, step=0, sample_index=torch.arange(b), pools=None)
     causal = torch.ones(s, s, dtype=torch.bool).tril()
     document = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]])  # written out by hand
     mask = (document[:, :, None] == document[:, None, :]) & causal

@@ -2,6 +2,7 @@ import torch
 
 from megatron_emo.model.document_batch import DocumentBatch, run_model
 from megatron_emo.model.gpt import build_gpt_model
+from megatron_emo.routing.documents import TrainingPools
 from megatron_emo.routing.router import DocumentPooledRouter
 from tests.conftest import make_config as model_config
 
@@ -13,7 +14,8 @@ def _model(**overrides):
 
 
 def _forward(model, tokens, sample_index, step=0):
-    documents = DocumentBatch.of(tokens, EOS, seed=7, step=step, sample_index=sample_index)
+    documents = DocumentBatch.of(tokens, EOS, seed=7, step=step, sample_index=sample_index,
+                                 pools=TrainingPools.of(model.config))
     return run_model(model, tokens, documents, labels=torch.roll(tokens, -1, dims=1))
 
 

@@ -8,6 +8,7 @@ import torch
 from megatron_emo.model.document_batch import DocumentBatch, run_model
 from megatron_emo.model.gpt import build_gpt_model
 from megatron_emo.model.moe_layer import EmoMoELayer
+from megatron_emo.routing.documents import TrainingPools
 from tests.conftest import make_config
 
 EOS = 2
@@ -24,7 +25,8 @@ def test_every_moe_layer_gets_the_micro_batchs_documents(megatron_cpu, recompute
                                             with_kwargs=True)
     tokens = torch.randint(3, 64, (2, 16))
     tokens[:, 6] = EOS
-    documents = DocumentBatch.of(tokens, EOS, seed=0, step=0, sample_index=torch.arange(2))
+    documents = DocumentBatch.of(tokens, EOS, seed=0, step=0, sample_index=torch.arange(2),
+                                 pools=TrainingPools.of(model.config))
     run_model(model, tokens, documents, labels=tokens).mean().backward()
     # Recomputing runs each MoE layer again in the backward, with the same documents.
     assert len(received) == 2 * (2 if recompute else 1)
@@ -48,7 +50,8 @@ def _saved_activation_bytes(model, tokens, documents) -> int:
 
 def test_recomputing_the_mlp_keeps_fewer_activations_and_the_same_gradients(megatron_cpu):
     tokens = torch.randint(3, 64, (2, 16))
-    documents = DocumentBatch.of(tokens, EOS, seed=0, step=0, sample_index=torch.arange(2))
+    documents = DocumentBatch.of(tokens, EOS, seed=0, step=0, sample_index=torch.arange(2),
+                                 pools=TrainingPools.of(make_config()))
     saved, grads = {}, {}
     for recompute in (False, True):
         overrides = dict(recompute_granularity="selective", recompute_modules=["mlp"]) if recompute else {}

@@ -3,16 +3,21 @@ import torch.nn.functional as F
 
 from megatron_emo.model.document_batch import DocumentBatch
 from megatron_emo.model.moe_layer import EmoMoELayer
-from megatron_emo.routing.documents import sample_pool_sizes, segment_index
+from megatron_emo.routing.documents import TrainingPools, document_ids, sample_pool_sizes, segment_index
 from tests.conftest import make_config as model_config
 
 EOS = 2
 
 
-def _docs(batch, seq, eos_every=5):
+def _tokens(batch, seq, eos_every=5):
     ids = torch.randint(4, 64, (batch, seq))
     ids[:, eos_every::eos_every] = EOS
-    return DocumentBatch.of(ids, EOS, seed=1, step=3, sample_index=torch.arange(batch))
+    return ids
+
+
+def _docs(config, tokens):
+    return DocumentBatch.of(tokens, EOS, seed=1, step=3, sample_index=torch.arange(tokens.shape[0]),
+                            pools=TrainingPools.of(config))
 
 
 def _swiglu(x, fc1, fc2):
@@ -26,7 +31,7 @@ def test_one_expert_top1_equals_dense_swiglu(megatron_cpu):
                           emo_pool_min=1, emo_pool_max=1, emo_eval_pool=1)
     layer = EmoMoELayer(config)
     x = torch.randn(6, 2, config.hidden_size)
-    out, bias = layer(x, _docs(2, 6))
+    out, bias = layer(x, _docs(config, _tokens(2, 6)))
     assert bias is None
     dense = _swiglu(x, layer.experts.fc1[0], layer.experts.fc2[0])
     torch.testing.assert_close(out, dense)
@@ -37,9 +42,9 @@ def test_output_is_weighted_experts_plus_shared_expert(megatron_cpu):
     layer = EmoMoELayer(config).eval()
     s, b = 10, 2
     x = torch.randn(s, b, config.hidden_size)
-    docs = _docs(b, s)
+    docs = _docs(config, _tokens(b, s))
     out, _ = layer(x, docs)
-    weights, indices = layer.router(x, docs.document_ids)
+    weights, indices = layer.router(x, docs.segment_ids)
     tokens = x.reshape(-1, config.hidden_size)
     expected = torch.zeros_like(tokens)
     for t in range(tokens.shape[0]):  # explicit loop: the reference of the vectorised dispatch
@@ -57,13 +62,15 @@ def test_training_routes_inside_sampled_pools(megatron_cpu):
     layer.set_layer_number(2)
     s, b = 12, 3
     x = torch.randn(s, b, config.hidden_size)
-    docs = _docs(b, s, eos_every=4)
+    tokens = _tokens(b, s, eos_every=4)
+    docs = _docs(config, tokens)
     logits = (x.reshape(-1, config.hidden_size) @ layer.router.weight.t()).view(s, b, -1)
-    _, indices = layer.router(x, docs.document_ids)
+    _, indices = layer.router(x, docs.segment_ids, docs.training_pools)
     indices = indices.view(s, b, -1).transpose(0, 1).reshape(b * s, -1)
     probs = logits.transpose(0, 1).reshape(b * s, -1).softmax(-1)
-    seg = segment_index(docs.document_ids)
-    pools = sample_pool_sizes(docs.document_ids, 2, config.emo_pool_min, config.emo_pool_max).flatten()
+    ids = document_ids(tokens, EOS, seed=1, step=3, sample_index=torch.arange(b))
+    seg = segment_index(ids)
+    pools = sample_pool_sizes(ids, 2, config.emo_pool_min, config.emo_pool_max).flatten()
     for segment in seg.unique():
         rows = seg == segment
         pool = probs[rows].sum(0).argsort(descending=True, stable=True)[: pools[rows][0]]
@@ -77,7 +84,7 @@ def test_gradients_match_finite_differences(megatron_cpu):
     layer = EmoMoELayer(config).double().eval()
     s, b = 5, 2
     x = torch.randn(s, b, config.hidden_size, dtype=torch.float64, requires_grad=True)
-    docs = _docs(b, s, eos_every=3)
+    docs = _docs(config, _tokens(b, s, eos_every=3))
     names = ("router.weight", "experts.fc1", "experts.fc2", "shared_experts.linear_fc1.weight")
     params = dict(layer.named_parameters())
     inputs = (x,) + tuple(params[name].detach().clone().requires_grad_() for name in names)

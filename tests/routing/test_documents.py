@@ -8,13 +8,14 @@ import torch
 from megatron_emo.kernels.routing.segments import segment_ordinals
 from megatron_emo.routing.documents import (
     ORDINAL_BITS,
+    TrainingPools,
     document_ids,
     hash_combine,
     mix32,
-    pool_sizes_per_segment,
     sample_pool_sizes,
     segment_index,
 )
+from tests.conftest import make_config
 
 EOS = 2
 SEED = 1234
@@ -240,22 +241,22 @@ def test_sample_pool_sizes_formula():
     assert pools.tolist() == [8 + py_hash_combine(d, 3) % 121 for d in doc.tolist()]
 
 
-# --- per-segment pools ----------------------------------------------------------------------------
+# --- the pool table: every layer's pool of every segment ----------------------------------------
 
 
-def test_pool_sizes_per_segment():
-    token_pools = torch.tensor([4, 4, 6, 5, 5])
-    seg = torch.tensor([0, 0, 1, 2, 2])
-    assert pool_sizes_per_segment(token_pools, seg).tolist() == [4, 6, 5, 0, 0]
-
-
-def test_pool_sizes_per_segment_from_a_batch():
-    ids = _random_batch(3, 20)
+def test_pool_table_holds_each_layers_pool_of_each_segment():
+    ids = _random_batch(3, 20, generator=torch.Generator().manual_seed(0))
     doc = document_ids(ids, EOS, seed=SEED, step=0, sample_index=torch.arange(3))
-    token_pools = sample_pool_sizes(doc, 1, 3, 8)
     seg = segment_index(doc)
-    per_segment = pool_sizes_per_segment(token_pools, seg)
-    assert per_segment.shape == seg.shape and per_segment.dtype == torch.int64
-    num_segments = int(seg.max()) + 1
-    assert torch.equal(per_segment[seg], token_pools.flatten())
-    assert bool((per_segment[num_segments:] == 0).all())
+    table = TrainingPools(num_layers=4, pool_min=3, pool_max=8).table(doc)
+    assert table.shape == (4, int(seg.max()) + 1) and table.dtype == torch.int64
+    for layer in range(1, 5):
+        # Row layer - 1, indexed by segment, gives every token its document's pool in that layer.
+        assert torch.equal(table[layer - 1][seg], sample_pool_sizes(doc, layer, 3, 8).flatten())
+    assert len({tuple(row.tolist()) for row in table}) == 4  # layers draw independently
+
+
+def test_pools_of_a_config():
+    config = make_config(emo_pool_min=3, emo_pool_max=8)
+    assert TrainingPools.of(config) == TrainingPools(config.num_layers, 3, 8)
+    assert TrainingPools.of(make_config(emo_router_mode="topk")) is None

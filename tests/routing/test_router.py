@@ -39,6 +39,12 @@ def make_inputs(config):
     return hidden, doc_ids
 
 
+def segments(config, doc_ids):
+    """The router's segment ids and pool table for ``doc_ids``, as a DocumentBatch carries them."""
+    pools = documents.TrainingPools.of(config)
+    return documents.segment_index(doc_ids), None if pools is None else pools.table(doc_ids)
+
+
 def make_router(config):
     router = DocumentPooledRouter(config)
     assert router.balance_group() is None
@@ -105,7 +111,7 @@ def test_train_mode_routes_inside_sampled_pools(layer_number):
     router.set_layer_number(layer_number)
     router.train()
     hidden, doc_ids = make_inputs(config)
-    weights, indices = router(hidden, doc_ids)
+    weights, indices = router(hidden, *segments(router.config, doc_ids))
     assert weights.shape == indices.shape == (SEQ * BATCH, 2)
 
     token_pools = documents.sample_pool_sizes(doc_ids, layer_number, 3, 8)
@@ -118,12 +124,26 @@ def test_train_mode_routes_inside_sampled_pools(layer_number):
     torch.testing.assert_close(weights, ref_weights)
 
 
+def test_train_mode_needs_the_micro_batchs_pools():
+    config = make_config()
+    router = make_router(config)
+    router.set_layer_number(2)
+    hidden, doc_ids = make_inputs(config)
+    seg, pools = segments(config, doc_ids)
+    with pytest.raises(ValueError, match="carries none.*TrainingPools.of"):
+        router(hidden, seg)
+    with pytest.raises(ValueError, match="carries pools of layers 1 to 1:"):
+        router(hidden, seg, pools[:1])
+    router.eval()
+    router(hidden, seg)  # eval pools are the config's
+
+
 def test_train_mode_pools_change_the_routing():
     """Guard for the test above: pooled weights differ from plain top-k ones."""
     config = make_config()
     router = make_router(config)
     hidden, doc_ids = make_inputs(config)
-    weights, _ = router(hidden, doc_ids)
+    weights, _ = router(hidden, *segments(router.config, doc_ids))
     plain_weights, _, _, _ = reference_routing(router, hidden, doc_ids, None)
     assert not torch.allclose(weights, plain_weights)
 
@@ -141,7 +161,7 @@ def test_eval_mode_uses_fixed_eval_pool(monkeypatch):
         return out
 
     monkeypatch.setattr(router_module, "route", spy)
-    weights, indices = router(hidden, doc_ids)
+    weights, indices = router(hidden, *segments(router.config, doc_ids))
     probs = seen[0][2]
     assert bool(((probs > 0).sum(-1) == config.emo_eval_pool).all())
 
@@ -162,7 +182,7 @@ def test_eval_pool_none_is_plain_topk():
     router = make_router(config)
     router.eval()
     hidden, doc_ids = make_inputs(config)
-    weights, indices = router(hidden, doc_ids)
+    weights, indices = router(hidden, *segments(router.config, doc_ids))
     ref_weights, ref_indices = plain_topk(router, hidden)
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(weights, ref_weights)
@@ -174,7 +194,7 @@ def test_topk_mode_is_plain_topk(training):
     router = make_router(config)
     router.train(training)
     hidden, doc_ids = make_inputs(config)
-    weights, indices = router(hidden, doc_ids)
+    weights, indices = router(hidden, *segments(router.config, doc_ids))
     ref_weights, ref_indices = plain_topk(router, hidden)
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(weights, ref_weights)
@@ -185,7 +205,7 @@ def test_metrics_record_losses_and_reset():
     router = make_router(config)
     hidden, doc_ids = make_inputs(config)
     assert router.metrics.read() == {}
-    router(hidden, doc_ids)
+    router(hidden, *segments(router.config, doc_ids))
     stats = router.metrics.read()
     assert set(stats) >= {"lb_loss", "z_loss", "load_max_over_mean", "pool_experts"}
     assert all(math.isfinite(v) for v in stats.values())
@@ -210,12 +230,12 @@ def test_metrics_average_over_microbatches():
     config = make_config()
     router = make_router(config)
     hidden, doc_ids = make_inputs(config)
-    router(hidden, doc_ids)
+    router(hidden, *segments(router.config, doc_ids))
     first = router.metrics.read()
-    router(hidden * 0.3, doc_ids)
+    router(hidden * 0.3, *segments(router.config, doc_ids))
     second = router.metrics.read()
-    router(hidden, doc_ids)
-    router(hidden * 0.3, doc_ids)
+    router(hidden, *segments(router.config, doc_ids))
+    router(hidden * 0.3, *segments(router.config, doc_ids))
     both = router.metrics.read()
     assert first["z_loss"] != pytest.approx(second["z_loss"])
     for key in ("lb_loss", "z_loss", "pool_experts"):
@@ -227,16 +247,16 @@ def test_no_metrics_in_eval_or_without_grad():
     router = make_router(config)
     hidden, doc_ids = make_inputs(config)
     with torch.no_grad():
-        router(hidden, doc_ids)
+        router(hidden, *segments(router.config, doc_ids))
     router.eval()
-    router(hidden, doc_ids)
+    router(hidden, *segments(router.config, doc_ids))
     assert router.metrics.read() == {}
 
 
 def router_grad(config, state, hidden, doc_ids):
     router = make_router(config)
     router.load_state_dict(state)
-    weights, _ = router(hidden, doc_ids)
+    weights, _ = router(hidden, *segments(router.config, doc_ids))
     weights.sum().backward()
     return router.weight.grad.clone()
 
@@ -255,10 +275,8 @@ def test_aux_losses_reach_the_router_weight():
     # taken on the masked router outputs.
     weight = state["weight"].clone().requires_grad_(True)
     logits = torch.einsum("sbh,eh->bse", hidden, weight).reshape(BATCH * SEQ, -1)
-    token_pools = documents.sample_pool_sizes(doc_ids, 1, 3, 8)
-    seg = documents.segment_index(doc_ids)
-    pools = documents.pool_sizes_per_segment(token_pools, seg)
-    gate, indices, probs, lse = route(logits, seg, pools, 2, return_logsumexp=True)
+    seg, pools = segments(base, doc_ids)
+    gate, indices, probs, lse = route(logits, seg, pools[0], 2, return_logsumexp=True)
     lb, _ = load_balancing_loss(probs, indices)
     for grad, aux in ((grad_lb, 0.1 * lb), (grad_z, 1e-3 * z_loss(lse))):
         (expected,) = torch.autograd.grad(gate.sum() + aux / base.num_layers, weight, retain_graph=True)
@@ -267,12 +285,12 @@ def test_aux_losses_reach_the_router_weight():
 
 @pytest.mark.gpu
 def test_router_on_cuda_matches_cpu():
-    # Pools come from integer hashing, so CPU and GPU choose the same experts.
     router = make_router(make_config()).train()
     x, docs = make_inputs(router.config)
+    seg, pools = segments(router.config, docs)
     with torch.no_grad():
-        weights, indices = router(x, docs)
-        cuda_weights, cuda_indices = router.cuda()(x.cuda(), docs.cuda())
+        weights, indices = router(x, seg, pools)
+        cuda_weights, cuda_indices = router.cuda()(x.cuda(), seg.cuda(), pools.cuda())
     assert torch.equal(cuda_indices.cpu(), indices)
     torch.testing.assert_close(cuda_weights.cpu(), weights, rtol=1e-4, atol=1e-5)
 

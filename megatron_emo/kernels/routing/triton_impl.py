@@ -59,7 +59,9 @@ def _ordinal(ordinals_ptr, offs_t, num_tokens):
     return tl.load(ordinals_ptr + offs_t, mask=inside, other=-1)
 
 
-@triton.jit
+# num_pools is the micro-batch's segment count: specialising on it (== 1, divisible by 16)
+# would compile new variants mid-training.
+@triton.jit(do_not_specialize=["num_pools"])
 def _route_pool_kernel(
     logits_ptr,
     ordinals_ptr,
@@ -147,7 +149,7 @@ def _route_pool_kernel(
             tl.store(meta_ptr + s * META_COLS + 3 + offs_w, words)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pools"])
 def _route_forward_kernel(
     logits_ptr,
     ordinals_ptr,
