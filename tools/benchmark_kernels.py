@@ -42,7 +42,7 @@ def emo_batch(batch, seq, docs_per_row, num_experts, pool_min, pool_max, seed):
     Returns:
         dict with ``logits``, ``input_ids`` [B, S] (EOS at each document start after the
         first), ``segment_ids`` [B*S], ``pool_sizes`` [B*S] (segment i's pool at entry i, the
-        tail unused, as the router passes them) and ``num_segments``.
+        tail unused, as the routing contract allows) and ``num_segments``.
     """
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, 1000, (batch, seq), generator=gen)

@@ -102,7 +102,8 @@ def segment_index(document_ids: torch.Tensor) -> torch.Tensor:
     return segment_ordinals(segment_starts(document_ids).flatten())
 
 
-def sample_pool_sizes(document_ids: torch.Tensor, layer_number, pool_min: int, pool_max: int) -> torch.Tensor:
+def sample_pool_sizes(document_ids: torch.Tensor, layer_number: int | torch.Tensor, pool_min: int,
+                      pool_max: int) -> torch.Tensor:
     """Training pool size of documents in a layer, uniform on [pool_min, pool_max].
 
     Args:
@@ -135,12 +136,15 @@ class TrainingPools:
         return cls(config.num_layers, config.emo_pool_min, config.emo_pool_max)
 
     def table(self, document_ids: torch.Tensor) -> torch.Tensor:
-        """int64 ``[num_layers, N]``: row ``l - 1`` holds layer ``l``'s pool of each of the N
+        """int64 ``[num_layers, N']``: row ``l - 1`` holds layer ``l``'s pool of each of the N
         router segments of ``document_ids [b, s]`` (:func:`segment_index`'s order), the
-        ``pool_sizes`` of :func:`megatron_emo.kernels.routing.route` for that layer.
+        ``pool_sizes`` of :func:`megatron_emo.kernels.routing.route` for that layer. ``N'`` is N
+        rounded up to even (the last column then unused), so that every row starts 16-byte
+        aligned: Triton compiles a kernel variant per pointer alignment.
 
         One draw for every layer at once, on the host: the router then only selects its row,
         instead of hashing every token in every layer on the device."""
         segment_documents = document_ids.flatten()[segment_starts(document_ids).flatten()]
         layers = torch.arange(1, self.num_layers + 1, device=document_ids.device)
-        return sample_pool_sizes(segment_documents[None, :], layers[:, None], self.pool_min, self.pool_max)
+        table = sample_pool_sizes(segment_documents[None, :], layers[:, None], self.pool_min, self.pool_max)
+        return torch.nn.functional.pad(table, (0, table.shape[1] % 2))

@@ -63,11 +63,12 @@ class DocumentPooledRouter(MegatronModule):
         if config.emo_router_mode == "topk":
             return None
         if self.training:
-            if training_pools is None or training_pools.shape[0] < self.layer_number:
-                carried = "none" if training_pools is None else f"pools of layers 1 to {training_pools.shape[0]}"
+            if training_pools is None or training_pools.shape[0] != config.num_layers:
+                carried = ("no pool table" if training_pools is None
+                           else f"a pool table for num_layers={training_pools.shape[0]}")
                 raise ValueError(
-                    f"layer {self.layer_number} trains with pools but the micro-batch carries {carried}: "
-                    "build its DocumentBatch with pools=TrainingPools.of(the model config)"
+                    f"layer {self.layer_number} of {config.num_layers} trains with pools but the micro-batch "
+                    f"carries {carried}: build its DocumentBatch with pools=TrainingPools.of(the model config)"
                 )
             return training_pools[self.layer_number - 1]
         if config.emo_eval_pool is None:

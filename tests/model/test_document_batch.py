@@ -1,9 +1,11 @@
-"""attention_boundaries: documents end at and include their EOS; every row starts a document."""
+"""DocumentBatch and attention_boundaries: documents end at and include their EOS for attention;
+every row starts a document; the router's segments and pools come computed once."""
 
 import pytest
 import torch
 
-from megatron_emo.model.document_batch import attention_boundaries
+from megatron_emo.model.document_batch import DocumentBatch, attention_boundaries
+from megatron_emo.routing.documents import TrainingPools, document_ids, segment_index
 
 EOS = 2
 
@@ -17,6 +19,20 @@ CASES = {
     "two rows": ([[5, EOS, 6, 7], [EOS, 8, 9, EOS]], [0, 2, 4, 5, 8], 3),
     "one token per row": ([[EOS], [5]], [0, 1, 2], 1),
 }
+
+
+def test_a_document_batch_holds_the_router_segments_and_every_layers_pools():
+    tokens = torch.tensor([[EOS, 5, 6, EOS, 7], [8, EOS, EOS, 9, 9]])
+    keys = dict(seed=3, step=2, sample_index=torch.tensor([4, 5]))
+    ids = document_ids(tokens, EOS, **keys)
+    pools = TrainingPools(num_layers=3, pool_min=2, pool_max=9)
+    batch = DocumentBatch.of(tokens, EOS, **keys, pools=pools)
+    # Router segments start at an EOS (not at position 0's): 2 in row 0, 3 in row 1.
+    assert batch.segment_ids.tolist() == [0, 0, 0, 1, 1, 2, 3, 4, 4, 4]
+    assert torch.equal(batch.segment_ids, segment_index(ids))
+    assert torch.equal(batch.training_pools, pools.table(ids))
+    assert batch.cu_seqlens_q.tolist() == [0, 1, 4, 5, 7, 8, 10]
+    assert DocumentBatch.of(tokens, EOS, **keys, pools=None).training_pools is None
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -249,7 +249,10 @@ def test_pool_table_holds_each_layers_pool_of_each_segment():
     doc = document_ids(ids, EOS, seed=SEED, step=0, sample_index=torch.arange(3))
     seg = segment_index(doc)
     table = TrainingPools(num_layers=4, pool_min=3, pool_max=8).table(doc)
-    assert table.shape == (4, int(seg.max()) + 1) and table.dtype == torch.int64
+    num_segments = int(seg.max()) + 1
+    # Columns rounded up to even, so that every row starts 16-byte aligned.
+    assert table.shape == (4, num_segments + num_segments % 2) and table.dtype == torch.int64
+    assert table.stride(0) * table.element_size() % 16 == 0
     for layer in range(1, 5):
         # Row layer - 1, indexed by segment, gives every token its document's pool in that layer.
         assert torch.equal(table[layer - 1][seg], sample_pool_sizes(doc, layer, 3, 8).flatten())

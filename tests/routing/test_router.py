@@ -130,9 +130,9 @@ def test_train_mode_needs_the_micro_batchs_pools():
     router.set_layer_number(2)
     hidden, doc_ids = make_inputs(config)
     seg, pools = segments(config, doc_ids)
-    with pytest.raises(ValueError, match="carries none.*TrainingPools.of"):
+    with pytest.raises(ValueError, match="carries no pool table.*TrainingPools.of"):
         router(hidden, seg)
-    with pytest.raises(ValueError, match="carries pools of layers 1 to 1:"):
+    with pytest.raises(ValueError, match="carries a pool table for num_layers=1:"):
         router(hidden, seg, pools[:1])
     router.eval()
     router(hidden, seg)  # eval pools are the config's

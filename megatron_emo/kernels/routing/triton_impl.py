@@ -59,8 +59,8 @@ def _ordinal(ordinals_ptr, offs_t, num_tokens):
     return tl.load(ordinals_ptr + offs_t, mask=inside, other=-1)
 
 
-# num_pools is the micro-batch's segment count: specialising on it (== 1, divisible by 16)
-# would compile new variants mid-training.
+# num_pools changes with every micro-batch in training (its segment count, rounded up to even):
+# specialising on it (== 1, divisible by 16) would compile new variants mid-training.
 @triton.jit(do_not_specialize=["num_pools"])
 def _route_pool_kernel(
     logits_ptr,
