@@ -36,7 +36,7 @@ class DocumentBatch(PackedSeqParams):
     segment_ids: Optional[torch.Tensor] = None
     """int64 ``[b*s]``, rows flattened in order: each token's router segment, 0 .. N - 1."""
     training_pools: Optional[torch.Tensor] = None
-    """int64 ``[num_layers, N]``: layer ``l``'s training pool of each router segment in row
+    """int64 ``[num_layers, >= N]``: layer ``l``'s training pool of each router segment in row
     ``l - 1`` (:meth:`TrainingPools.table`); None when the routing has no pools."""
     longest_document: Optional[int] = None
     """Tokens in the longest attention document: the flash kernel's ``max_seqlen``."""
