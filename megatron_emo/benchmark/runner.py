@@ -22,9 +22,8 @@ from megatron_emo import logs
 from megatron_emo.benchmark.cases import Case, init_weights
 from megatron_emo.benchmark.memory_bound import copy_bandwidth, optimizer_memory_bound_ms
 from megatron_emo.benchmark.timeline import Timeline, gpu_time, instrument
-from megatron_emo.model.document_batch import DocumentBatch
+from megatron_emo.model.document_batch import document_batcher
 from megatron_emo.recipes import RunConfig
-from megatron_emo.routing.documents import TrainingPools
 from megatron_emo.training.distributed import Runtime
 from megatron_emo.training.flops import forward_flops_per_token, peak_tflops
 from megatron_emo.training.loop import microbatches
@@ -63,8 +62,7 @@ def _measure(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_siz
                        data.global_batch_size // (data.micro_batch_size * runtime.data_parallel_size))
     trainer = build_trainer(model, config, run.optim, shape, total_steps=run.train.steps, device=runtime.device)
     progress(f"built: {num_params / 1e9:.3f}B parameters")
-    documents_of = functools.partial(DocumentBatch.of, eos_token_id=eos_id, seed=getattr(config, "emo_routing_seed", 0),
-                                     pools=TrainingPools.of(config))
+    documents_of = document_batcher(config, eos_id)
     losses = []
 
     def train_step(step: int, timeline: Timeline | None = None) -> None:

@@ -19,6 +19,7 @@ segments instead start at their EOS (the reference convention; see
 :mod:`megatron_emo.routing.documents`).
 """
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
@@ -60,6 +61,14 @@ class DocumentBatch(PackedSeqParams):
         pools = None if self.training_pools is None else move(self.training_pools)
         return replace(self, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                        segment_ids=move(self.segment_ids), training_pools=pools)
+
+
+def document_batcher(config, eos_token_id: int) -> Callable[..., DocumentBatch]:
+    """:meth:`DocumentBatch.of` with a model config's routing seed and training pools and the
+    tokenizer's EOS id, called as ``(tokens, step=, sample_index=)``: how every trainer builds
+    its micro-batches' documents (a model without the EMO router routes with seed 0, no pools)."""
+    return functools.partial(DocumentBatch.of, eos_token_id=eos_token_id,
+                             seed=getattr(config, "emo_routing_seed", 0), pools=TrainingPools.of(config))
 
 
 def run_model(model, tokens: torch.Tensor, documents: DocumentBatch, labels: Optional[torch.Tensor] = None):

@@ -19,10 +19,9 @@ from megatron.core import parallel_state
 
 from megatron_emo.checkpoint.sharded_state import full_tensors, load_full_weights
 from megatron_emo.config import EmoConfig
-from megatron_emo.model.document_batch import DocumentBatch
+from megatron_emo.model.document_batch import document_batcher
 from megatron_emo.model.gpt import build_model_chunks
 from megatron_emo.recipes import OptimConfig
-from megatron_emo.routing.documents import TrainingPools
 from megatron_emo.routing.router import DocumentPooledRouter
 from megatron_emo.training.cpu_mode import cuda_on_cpu
 from megatron_emo.training.distributed import init_model_parallel
@@ -47,6 +46,7 @@ def tiny_config(**layout) -> EmoConfig:
         emo_pool_min=3,
         emo_pool_max=6,
         emo_eval_pool=4,
+        emo_routing_seed=ROUTING_SEED,
         pipeline_dtype=torch.float32,
     )
     return EmoConfig(**{**fields, **layout})
@@ -61,15 +61,14 @@ def fixed_batch(global_batch_size: int, seq_length: int, seed: int = 0) -> torch
     return tokens
 
 
-def _batches(tokens: torch.Tensor, micro_batch_size: int, step: int, pools: TrainingPools):
+def _batches(tokens: torch.Tensor, micro_batch_size: int, step: int, documents_of):
     rows = tokens[:, :-1].contiguous()
     labels = tokens[:, 1:].contiguous()
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     for index in microbatch_samples(tokens.shape[0], micro_batch_size, dp_rank, dp_size):
         sample_index = index + step * tokens.shape[0]
-        documents = DocumentBatch.of(rows[index], EOS, seed=ROUTING_SEED, step=step, sample_index=sample_index,
-                                     pools=pools)
+        documents = documents_of(rows[index], step=step, sample_index=sample_index)
         yield (rows[index], labels[index], torch.ones(len(index), rows.shape[1]), documents), sample_index
 
 
@@ -137,7 +136,7 @@ def _train(config, runtime, micro_batch_size, tokens, weights, steps):
     hooks = _record_routes(model, routes, sample_index)
 
     def batches(step):
-        for batch, index in _batches(tokens, micro_batch_size, step, TrainingPools.of(config)):
+        for batch, index in _batches(tokens, micro_batch_size, step, document_batcher(config, EOS)):
             sample_index[0] = index
             yield batch
 

@@ -27,10 +27,9 @@ from megatron_emo.data.demo_data import prepare_demo_data
 from megatron_emo.data.gpt_data import build_train_dataset, collate
 from megatron_emo.data.indexed import check_dataset
 from megatron_emo.data.tokenizer import Tokenizer
-from megatron_emo.model.document_batch import DocumentBatch
+from megatron_emo.model.document_batch import document_batcher
 from megatron_emo.model.gpt import build_model_chunks
 from megatron_emo.recipes import RunConfig
-from megatron_emo.routing.documents import TrainingPools
 from megatron_emo.routing.router import DocumentPooledRouter
 from megatron_emo.training.cpu_mode import megatron_device
 from megatron_emo.training.distributed import Runtime, init_model_parallel, init_process_group, shutdown_distributed
@@ -57,11 +56,6 @@ class RunData:
     train: object
     validation: dict | None
 
-    def documents_of(self, config: EmoConfig):
-        """DocumentBatch.of with the run's EOS id, routing seed and training pools."""
-        return functools.partial(DocumentBatch.of, eos_token_id=self.tokenizer.eos_id, seed=config.emo_routing_seed,
-                                 pools=TrainingPools.of(config))
-
 
 def resolve_data(run: RunConfig) -> tuple[list[tuple[float, str]], Tokenizer]:
     """The blend and tokenizer of the run: the user's, or the demo corpus (built if missing)."""
@@ -79,8 +73,8 @@ def resolve_data(run: RunConfig) -> tuple[list[tuple[float, str]], Tokenizer]:
 
 
 def microbatches(dataset, run: RunConfig, runtime: Runtime, step: int, documents_of):
-    """This rank's micro-batches of the step; ``documents_of``: DocumentBatch.of with the run's
-    EOS id, routing seed and training pools."""
+    """This rank's micro-batches of the step; ``documents_of``: the run's
+    :func:`~megatron_emo.model.document_batch.document_batcher`."""
     data = run.data
     for sample_index in microbatch_samples(
         data.global_batch_size, data.micro_batch_size, runtime.data_parallel_rank, runtime.data_parallel_size
@@ -186,7 +180,7 @@ def _run_steps(run: RunConfig, trainer: Trainer, config: EmoConfig, data: RunDat
                writer: MetricsWriter, start_step: int) -> list[dict]:
     """Steps ``start_step`` .. ``train.steps``, with logging, evaluation, checkpoints, non-finite
     step handling and stop signals; the logged records."""
-    documents_of = data.documents_of(config)
+    documents_of = document_batcher(config, data.tokenizer.eos_id)
     flops_per_token = training_flops_per_token(config, seq_length=run.data.seq_length, vocab_size=data.vocab_size)
     peak = peak_tflops(runtime.device)
     writer.info(f"{flops_per_token / 1e9:.3f} GFLOP per token for training (formula: "
