@@ -74,6 +74,9 @@ def parse_args(argv=None):
     parser.add_argument("--calibration-tokens", type=int,
                         help="training-document tokens per domain that select the experts (default: the scale's)")
     parser.add_argument("--eval-tokens", type=int, help="held-out tokens per domain at most (default: the scale's)")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="train both models at the same time (on one GPU, whose most the gpu scale's small "
+                        "models leave idle)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="a training setting for both models (after the scale's); repeatable")
     args = parser.parse_args(argv)
@@ -128,24 +131,32 @@ def rows(documents: list[list[int]], seq_length: int, max_tokens: int) -> list[l
 
 # ---- training and export ---------------------------------------------------------------------
 
-def run_command(cmd: list[str], log: Path) -> None:
-    """Run a step of the pipeline, its output to ``log``; stop with its tail if it fails."""
-    print("$", " ".join(cmd), flush=True)
+def run_commands(commands: list[tuple[list[str], Path]]) -> None:
+    """Run steps of the pipeline side by side, each ``(command, log)`` with its output to its
+    log; once all have ended, stop with the tails of those that failed."""
     started = time.time()
-    with open(log, "w") as f:
-        result = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if result.returncode != 0:
-        sys.exit(f"failed ({result.returncode}): see {log}\n{log.read_text()[-3000:]}")
+    running = []
+    for cmd, log in commands:
+        print("$", " ".join(cmd), flush=True)
+        with open(log, "w") as f:
+            running.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT), log))
+    failed = [(process.wait(), log) for process, log in running]
+    failed = [(code, log) for code, log in failed if code != 0]
+    if failed:
+        sys.exit("\n".join(f"failed ({code}): see {log}\n{log.read_text()[-3000:]}" for code, log in failed))
     print(f"  done in {time.time() - started:.0f} s", flush=True)
 
 
-def train_and_export(mode: str, prefixes: dict, data: dict, args, output: Path) -> tuple[Path, list[str]]:
+def pipeline(mode: str, prefixes: dict, data: dict, args, output: Path) -> dict:
+    """The commands that train ``mode`` and export it: ``{"train", "export"}``, each
+    ``(command, log)``."""
     run_dir = output / mode
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = [
         *SCALES[args.scale]["overrides"],
         f"model.emo_router_mode={mode!r}", f"data.split={args.split!r}",
-        f"data.cache_dir={str(output / 'cache')!r}", f"train.output_dir={str(run_dir)!r}",
+        # A cache per model: trainers running side by side never write the same index files.
+        f"data.cache_dir={str(output / 'cache' / mode)!r}", f"train.output_dir={str(run_dir)!r}",
         "train.eval_interval=0", "train.tensorboard=False", "train.save_interval=1000000", "train.keep_last=1",
         *args.overrides,
     ]
@@ -157,9 +168,7 @@ def train_and_export(mode: str, prefixes: dict, data: dict, args, output: Path) 
         train += ["--set", setting]
     export = [sys.executable, str(ROOT / "tools" / "convert_to_hf.py"), "--checkpoint", str(run_dir),
               "--output", str(run_dir / "hf"), "--force", "--dtype", "float32"]
-    run_command(train, run_dir / "train.log")
-    run_command(export, run_dir / "export.log")
-    return run_dir / "hf", [" ".join(train), " ".join(export)]
+    return {"train": (train, run_dir / "train.log"), "export": (export, run_dir / "export.log")}
 
 
 # ---- pruning and evaluation ------------------------------------------------------------------
@@ -331,12 +340,17 @@ def main(argv=None) -> int:
         if not held_out[domain]:
             sys.exit(f"domain {domain}: --split {args.split} leaves no held-out documents")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results, commands = {}, []
-    for mode in MODES:
-        hf_dir, cmds = train_and_export(mode, prefixes, data, args, output)
-        commands += cmds
+    jobs = {mode: pipeline(mode, prefixes, data, args, output) for mode in MODES}
+    commands = [" ".join(job[step][0]) for job in jobs.values() for step in ("train", "export")]
+    if args.concurrent:
+        run_commands([job["train"] for job in jobs.values()])
+    results = {}
+    for mode, job in jobs.items():
+        if not args.concurrent:
+            run_commands([job["train"]])
+        run_commands([job["export"]])
         evaluated = time.time()
-        results[mode] = measure(hf_dir, calibration, held_out, device)
+        results[mode] = measure(output / mode / "hf", calibration, held_out, device)
         print(f"  {MODES[mode]}: pruning and evaluation in {time.time() - evaluated:.0f} s", flush=True)
     summary = {"scale": args.scale, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - started),

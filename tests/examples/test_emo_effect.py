@@ -1,6 +1,6 @@
 """examples/emo_effect end to end at a smoke size (two 2-step one-layer models, 256 tokens of
 text per domain, evaluated after each step): every file and number it promises, for both
-models, trained alike. The
+models, trained alike and side by side. The
 measured CPU run is in benchmarks/results/2026-11-25_cpu_emo_effect.json."""
 
 import json
@@ -17,7 +17,8 @@ SCRIPT = ROOT / "examples" / "emo_effect" / "emo_effect.py"
 
 
 def test_emo_effect_runs_end_to_end(tmp_path):
-    cmd = [sys.executable, str(SCRIPT), "--output-dir", str(tmp_path), "--calibration-tokens", "256",
+    # Both models train side by side (--concurrent), as the GPU curve runs.
+    cmd = [sys.executable, str(SCRIPT), "--output-dir", str(tmp_path), "--concurrent", "--calibration-tokens", "256",
            "--eval-tokens", "256", "--set", "train.steps=2", "--set", "optim.warmup_steps=1",
            "--set", "model.num_layers=1", "--set", "data.seq_length=64", "--set", "train.eval_interval=1",
            "--set", "train.eval_samples=8"]
@@ -25,8 +26,9 @@ def test_emo_effect_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "emo_effect.json").read_text())
     train_emo, _, train_topk, _ = summary["commands"]
-    # The twins differ in the router mode and their output folder only.
-    assert train_emo.replace("'emo'", "'topk'").replace(f"{tmp_path}/emo", f"{tmp_path}/topk") == train_topk
+    # The twins differ in the router mode and their output and cache folders only.
+    twin = train_emo.replace("'emo'", "'topk'").replace(f"{tmp_path}/emo", f"{tmp_path}/topk")
+    assert twin.replace(f"{tmp_path}/cache/emo", f"{tmp_path}/cache/topk") == train_topk
     for mode in ("emo", "topk"):
         result = summary["results"][mode]
         assert set(result["full"]) == {"code", "docs", "prose"}
