@@ -83,6 +83,9 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per case")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case")
     parser.add_argument("--profile-steps", type=int, default=1, help="steps for the time breakdown (0: none)")
+    parser.add_argument("--trace-host", action="store_true",
+                        help="trace the host too in the GPU-idle step: idle time by the code that launched "
+                             "the work after each gap, and GPU time by kernel (slower; idle reads higher)")
     parser.add_argument("--data", choices=["synthetic", "recipe"], default="synthetic")
     parser.add_argument("--docs-per-row", type=int, default=30, help="documents per synthetic sequence")
     parser.add_argument("--output", help="directory for the JSON and the chart")
@@ -174,7 +177,7 @@ def benchmark(run, args) -> tuple[list[dict], dict]:
         case = ALL_CASES[name]
         log(f"[{name}] {case.description}", flush=True)
         record = run_case(case, run, runtime, dataset, vocab_size=vocab, eos_id=eos, warmup=args.warmup,
-                          steps=args.steps, profile_steps=args.profile_steps,
+                          steps=args.steps, profile_steps=args.profile_steps, trace_host=args.trace_host,
                           progress=lambda message, name=name: log(f"[{name}] {message}", flush=True))
         status = record.get("error") or f"{record['tokens_per_s_per_gpu']:.0f} tokens/s/GPU"
         log(f"[{name}] {record['status']}: {status}", flush=True)

@@ -66,6 +66,10 @@ def targets(records: list[dict]) -> list[dict]:
     return results
 
 
+IDLE_SITES_SHOWN = 8
+"""Idle-time sites printed per case (the JSON keeps more)."""
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -73,9 +77,10 @@ def _fmt(value, spec: str) -> str:
 def table(records: list[dict]) -> str:
     """Two tables, a line per case in each: throughput, MFU, memory, ratio to emo and the median
     timed step; then ms per instrumented step: its total, the GPU's idle time within it (not a
-    component: idle gaps lie inside the components' times) and the breakdown."""
+    component: idle gaps lie inside the components' times), the host's waits for the GPU in
+    that step and the breakdown; then, where the host was traced, where the idle time comes from."""
     speed = [f"{'case':<12}{'tok/s/GPU':>11}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}{'x emo':>7}{'step ms':>9}"]
-    split = [f"{'case':<12}{'step':>9}{'GPU idle':>9}"
+    split = [f"{'case':<12}{'step':>9}{'GPU idle':>9}{'syncs':>7}"
              + "".join(f"{HEADERS.get(name, name):>9}" for name in COMPONENTS)]
     for r in records:
         if r["status"] != "ok":
@@ -89,10 +94,19 @@ def table(records: list[dict]) -> str:
         breakdown = r.get("breakdown_ms", {})
         split.append(
             f"{r['case']:<12}{_fmt(r.get('breakdown_step_ms'), '.1f'):>9}{_fmt(r.get('gpu_idle_ms'), '.1f'):>9}"
+            f"{_fmt(r.get('host_syncs'), 'd'):>7}"
             + "".join(f"{_fmt(breakdown.get(name), '.1f'):>9}" for name in COMPONENTS)
         )
-    heading = "ms per instrumented step: its total, the GPU's idle time within it (not a component), by component"
-    return "\n".join(speed + ["", heading] + split)
+    heading = ("ms per instrumented step: its total, the GPU's idle time within it (not a component), the host's "
+               "waits for the GPU, by component")
+    sites = []
+    for r in records:
+        for site in r.get("gpu_idle_by_launch_site", [])[:IDLE_SITES_SHOWN]:
+            sites.append(f"{r['case']:<12}{site['idle_ms']:>9.1f}{site['gaps']:>7}  {site['site']}")
+    if sites:
+        sites.insert(0, f"\nGPU idle by the host code that launched the work after each gap (top {IDLE_SITES_SHOWN}):\n"
+                        f"{'case':<12}{'ms':>9}{'gaps':>7}  site")
+    return "\n".join(speed + ["", heading] + split + sites)
 
 
 def draw_chart(records: list[dict], path, title: str) -> None:

@@ -53,7 +53,7 @@ def _error(name: str, error: Exception) -> dict:
 
 
 def _measure(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_size: int, eos_id: int,
-             warmup: int, steps: int, profile_steps: int, progress) -> dict:
+             warmup: int, steps: int, profile_steps: int, trace_host: bool, progress) -> dict:
     model, config = case.build(run, vocab_size, eos_id, runtime.on_gpu)
     num_params = sum(p.numel() for p in model.parameters())
     init_weights(model, config.init_method_std)  # where megatron-core allocated it: on the GPU there
@@ -106,7 +106,7 @@ def _measure(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_siz
                 # Hooked as the breakdown's steps (their marks dropped), on the last one's batch:
                 # the data holds no more steps.
                 with instrument(trainer.chunks, Timeline(on_gpu=True)):
-                    result.update(gpu_time(functools.partial(train_step, last)))
+                    result.update(gpu_time(functools.partial(train_step, last), trace_host=trace_host))
             except Exception as error:
                 result.update(_error("gpu_idle", error))
     if runtime.on_gpu:
@@ -122,8 +122,9 @@ def _measure(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_siz
 
 
 def run_case(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_size: int, eos_id: int,
-             warmup: int, steps: int, profile_steps: int, progress=print) -> dict:
-    """Benchmark one case; failures are recorded, not raised.
+             warmup: int, steps: int, profile_steps: int, trace_host: bool = False, progress=print) -> dict:
+    """Benchmark one case; failures are recorded, not raised (``trace_host``: see
+    :func:`megatron_emo.benchmark.timeline.gpu_time`).
 
     Returns:
         the case's record: ``status`` (``ok`` or ``failed``, with the error), and for ``ok`` the
@@ -142,7 +143,7 @@ def run_case(case: Case, run: RunConfig, runtime: Runtime, dataset, *, vocab_siz
     failure = None
     try:
         result = _measure(case, run, runtime, dataset, vocab_size=vocab_size, eos_id=eos_id, warmup=warmup,
-                          steps=steps, profile_steps=profile_steps, progress=progress)
+                          steps=steps, profile_steps=profile_steps, trace_host=trace_host, progress=progress)
     except Exception as error:
         failure = {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
     finally:

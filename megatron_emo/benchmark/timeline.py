@@ -36,6 +36,7 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -258,30 +259,85 @@ def union_length(intervals: Iterable[tuple[float, float]]) -> float:
     return length
 
 
-def gpu_time(run_step: Callable[[], None]) -> dict[str, float]:
+def gpu_time(run_step: Callable[[], None], *, trace_host: bool = False) -> dict:
     """The GPU's busy and idle time in ``run_step`` (one step), from a torch.profiler trace of
     the GPU's activity (see :func:`busy_and_idle`).
 
     The step's span on the GPU runs from a marker kernel launched as the step starts, with
     nothing queued before it, to one launched once the step has returned and its work is done:
-    the step's wall time as the host sees it. The host's ops are not traced: that would slow
-    them, and the GPU would wait for them more than in unprofiled steps. Tracing the GPU's
-    activity still slows each launch a little, so where the host is the bottleneck the idle time
-    reads somewhat high: ``gpu_busy_ms + gpu_idle_ms`` against the instrumented steps'
+    the step's wall time as the host sees it. By default the host's ops are not traced: that
+    would slow them, and the GPU would wait for them more than in unprofiled steps. Tracing the
+    GPU's activity still slows each launch a little, so where the host is the bottleneck the idle
+    time reads somewhat high: ``gpu_busy_ms + gpu_idle_ms`` against the instrumented steps'
     ``breakdown_step_ms`` shows by how much.
+
+    Also counts the step's host synchronisations (:func:`host_syncs`): ``host_syncs`` and
+    ``host_syncs_by_line``.
+
+    ``trace_host`` also traces the host's ops and Python calls, to tell where the idle time
+    comes from (:func:`idle_by_launch_site`, as ``gpu_idle_by_launch_site``), with the GPU's
+    time by kernel (:func:`time_by_kernel`, as ``gpu_time_by_kernel``); its idle figures read
+    higher still.
     """
     marker = torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    if trace_host:
+        activities.append(torch.profiler.ProfilerActivity.CPU)
+    with torch.profiler.profile(activities=activities, with_stack=trace_host) as profiler:
         marker.zero_()
-        run_step()
+        with host_syncs() as syncs:
+            run_step()
         torch.cuda.synchronize()
         marker.zero_()
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "trace.json"
         profiler.export_chrome_trace(str(path))
-        return busy_and_idle(json.loads(path.read_text())["traceEvents"])
+        events = json.loads(path.read_text())["traceEvents"]
+    result = {**busy_and_idle(events), "host_syncs": sum(syncs.values()), "host_syncs_by_line": syncs}
+    if trace_host:
+        result["gpu_idle_by_launch_site"] = idle_by_launch_site(events)
+        result["gpu_time_by_kernel"] = time_by_kernel(events)
+    return result
+
+
+SYNC_WARNING = "called a synchronizing CUDA operation"
+"""What torch.cuda's sync debug mode warns with."""
+
+
+@contextlib.contextmanager
+def host_syncs():
+    """Counts the times the host waits for the GPU inside the block (torch.cuda's sync debug
+    mode: a copy to the host, ``.item()``, a copy from pageable memory, ``nonzero``...), by the
+    Python line that asked: yields ``{"path:line": count}``, filled when the block ends (paths
+    from their package folder on)."""
+    found: dict[str, int] = {}
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    for warning in caught:
+        if SYNC_WARNING in str(warning.message):
+            where = f"{_package_path(warning.filename)}:{warning.lineno}"
+            found[where] = found.get(where, 0) + 1
+
+
+def _package_path(filename: str) -> str:
+    """``.../site-packages/megatron/core/x.py`` → ``megatron/core/x.py``; the repository's files
+    from ``megatron_emo/`` or ``tools/`` on."""
+    parts = Path(filename).parts
+    for anchor in ("site-packages", "dist-packages"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + 1:])
+    for top in ("megatron_emo", "tools", "tests", "examples"):
+        if top in parts:
+            return "/".join(parts[len(parts) - 1 - parts[::-1].index(top):])
+    return filename
 
 
 def busy_and_idle(events: list[dict]) -> dict[str, float]:
@@ -294,3 +350,87 @@ def busy_and_idle(events: list[dict]) -> dict[str, float]:
     span = max(last for _, last in work) - min(first for first, _ in work)
     busy = union_length(work)
     return {"gpu_busy_ms": busy / 1e3, "gpu_idle_ms": (span - busy) / 1e3}
+
+
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+"""Trace categories of the host's launch calls (kernels, copies, memsets)."""
+
+
+def idle_by_launch_site(events: list[dict], *, top: int = 30) -> list[dict]:
+    """Where the GPU's idle time comes from, from a trace of one step with the host's ops and
+    Python calls (``with_stack``): each gap before a piece of GPU work is charged to the host
+    code that launched that work (the GPU waited for the host to get there), named by the
+    innermost Python call of this package or megatron-core and the innermost op around the
+    launch.
+
+    Returns:
+        the ``top`` sites by idle time: ``{"site", "idle_ms", "gaps"}``, largest first; gaps
+        whose launch is not in the trace are charged to ``"(launch not traced)"``.
+    """
+    work = sorted((e for e in events if e.get("cat") in GPU_WORK), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
+    gaps = []  # (idle µs, the launch of the work after the gap, or None)
+    reached = work[0]["ts"] if work else 0.0
+    for event in work:
+        if event["ts"] > reached:
+            gaps.append((event["ts"] - reached, launches.get(event.get("args", {}).get("correlation"))))
+        reached = max(reached, event["ts"] + event["dur"])
+    traced = [launch for _, launch in gaps if launch is not None]
+    frames = innermost_enclosing(
+        [e for e in events if e.get("cat") == "python_function" and "megatron" in e["name"]], traced)
+    ops = innermost_enclosing([e for e in events if e.get("cat") == "cpu_op"], traced)
+    sites: dict[str, list] = {}
+    for idle, launch in gaps:
+        if launch is None:
+            site = "(launch not traced)"
+        else:
+            key = id(launch)
+            site = f"{frames.get(key) or '(no Python frame)'} | {ops.get(key) or launch['name']}"
+        entry = sites.setdefault(site, [0.0, 0])
+        entry[0] += idle / 1e3
+        entry[1] += 1
+    ranked = sorted(sites.items(), key=lambda item: -item[1][0])[:top]
+    return [{"site": site, "idle_ms": idle, "gaps": count} for site, (idle, count) in ranked]
+
+
+def time_by_kernel(events: list[dict], *, top: int = 40) -> list[dict]:
+    """The ``top`` kernels (copies, memsets) of a trace by their summed GPU time:
+    ``{"name", "ms", "count"}``, largest first (names cut at 120 characters)."""
+    kernels: dict[str, list] = {}
+    for event in events:
+        if event.get("cat") in GPU_WORK:
+            entry = kernels.setdefault(event["name"][:120], [0.0, 0])
+            entry[0] += event["dur"] / 1e3
+            entry[1] += 1
+    ranked = sorted(kernels.items(), key=lambda item: -item[1][0])[:top]
+    return [{"name": name, "ms": ms, "count": count} for name, (ms, count) in ranked]
+
+
+def innermost_enclosing(spans: list[dict], points: list[dict]) -> dict[int, str]:
+    """For each of ``points`` (trace events), the name of the innermost of ``spans`` (nested
+    trace events) of the same thread that covers its start, keyed by ``id(point)``; points
+    that none covers are left out. One sweep in time order per thread."""
+    names = {}
+    by_thread: dict = {}
+    for span in spans:
+        by_thread.setdefault(span.get("tid"), ([], []))[0].append(span)
+    for point in points:
+        by_thread.setdefault(point.get("tid"), ([], []))[1].append(point)
+    for thread_spans, thread_points in by_thread.values():
+        thread_spans.sort(key=lambda e: e["ts"])
+        thread_points.sort(key=lambda e: e["ts"])
+        open_spans, next_span = [], 0
+        for point in thread_points:
+            time = point["ts"]
+            while next_span < len(thread_spans) and thread_spans[next_span]["ts"] <= time:
+                span = thread_spans[next_span]
+                while open_spans and open_spans[-1]["ts"] + open_spans[-1]["dur"] < span["ts"]:
+                    open_spans.pop()
+                open_spans.append(span)
+                next_span += 1
+            while open_spans and open_spans[-1]["ts"] + open_spans[-1]["dur"] < time:
+                open_spans.pop()
+            if open_spans:
+                names[id(point)] = open_spans[-1]["name"]
+    return names

@@ -38,9 +38,10 @@ def load_balancing_loss(
     """
     num_tokens, num_experts = probs.shape
     topk = indices.shape[-1]
-    # fp32: all-reduced together with the token count below.
+    # fp32: all-reduced together with the token count, appended on the device (a tensor made
+    # from a Python list would be copied to the GPU synchronously).
     local_counts = tokens_per_expert(indices, num_experts).float()
-    totals = torch.cat([local_counts, local_counts.new_tensor([num_tokens])])
+    totals = torch.nn.functional.pad(local_counts, (0, 1), value=num_tokens)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(totals, group=group)
     fraction = (totals[:-1] / totals[-1].clamp(min=1)).to(probs.dtype)

@@ -4,7 +4,15 @@ LM head and loss cover) and the GPU's idle time from hand-made profiler events."
 import pytest
 import torch
 
-from megatron_emo.benchmark.timeline import COMPONENTS, Timeline, busy_and_idle, instrument, union_length
+from megatron_emo.benchmark.timeline import (
+    COMPONENTS,
+    Timeline,
+    busy_and_idle,
+    idle_by_launch_site,
+    instrument,
+    time_by_kernel,
+    union_length,
+)
 from megatron_emo.model.document_batch import DocumentBatch, run_model
 from megatron_emo.model.gpt import build_gpt_model
 from megatron_emo.routing.documents import TrainingPools
@@ -83,3 +91,39 @@ def test_gpu_idle_is_the_span_of_the_gpus_work_less_its_union():
     assert busy_and_idle(events) == pytest.approx({"gpu_busy_ms": 3.104, "gpu_idle_ms": 6.896})
     with pytest.raises(RuntimeError, match="no GPU work"):
         busy_and_idle(events[1:4])
+
+
+def test_idle_time_is_charged_to_the_code_that_launched_the_work_after_each_gap():
+    def span(cat, name, ts, dur, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": 1, "args": args}
+
+    events = [
+        span("python_function", "megatron_emo/model/layer.py(10): forward", 0.0, 1000.0),
+        span("python_function", "megatron_emo/routing/router.py(20): forward", 100.0, 300.0),
+        span("python_function", "torch/nn/functional.py(30): softmax", 120.0, 50.0),
+        span("cpu_op", "aten::softmax", 125.0, 40.0),
+        span("cuda_runtime", "cudaLaunchKernel", 130.0, 5.0, correlation=2),
+        span("cpu_op", "aten::mm", 500.0, 40.0),
+        span("cuda_runtime", "cudaLaunchKernel", 510.0, 5.0, correlation=3),
+        span("cuda_driver", "cuLaunchKernelEx", 700.0, 5.0, correlation=5),
+        {"ph": "X", "cat": "kernel", "name": "first", "ts": 0.0, "dur": 100.0, "args": {"correlation": 1}},
+        # 40 µs idle, then the router's softmax; 10 more, then the layer's matmul.
+        {"ph": "X", "cat": "kernel", "name": "softmax", "ts": 140.0, "dur": 500.0, "args": {"correlation": 2}},
+        {"ph": "X", "cat": "kernel", "name": "overlapped", "ts": 600.0, "dur": 10.0, "args": {"correlation": 4}},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 650.0, "dur": 50.0, "args": {"correlation": 3}},
+        # Launched outside every span; then a kernel whose launch the trace lacks.
+        {"ph": "X", "cat": "kernel", "name": "triton", "ts": 720.0, "dur": 10.0, "args": {"correlation": 5}},
+        {"ph": "X", "cat": "kernel", "name": "lost", "ts": 760.0, "dur": 10.0, "args": {"correlation": 9}},
+    ]
+    sites = idle_by_launch_site(events)
+    assert sites == [
+        {"site": "megatron_emo/routing/router.py(20): forward | aten::softmax", "idle_ms": pytest.approx(0.04),
+         "gaps": 1},
+        {"site": "(launch not traced)", "idle_ms": pytest.approx(0.03), "gaps": 1},
+        {"site": "megatron_emo/model/layer.py(10): forward | cuLaunchKernelEx", "idle_ms": pytest.approx(0.02),
+         "gaps": 1},
+        {"site": "megatron_emo/model/layer.py(10): forward | aten::mm", "idle_ms": pytest.approx(0.01), "gaps": 1},
+    ]
+    assert sum(site["idle_ms"] for site in sites) == pytest.approx(busy_and_idle(events)["gpu_idle_ms"])
+    assert time_by_kernel(events, top=2) == [{"name": "softmax", "ms": pytest.approx(0.5), "count": 1},
+                                             {"name": "first", "ms": pytest.approx(0.1), "count": 1}]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+from megatron_emo.benchmark.timeline import host_syncs
 from megatron_emo.kernels.routing.reference import route
 from megatron_emo.routing import documents
 from megatron_emo.routing import router as router_module
@@ -293,6 +294,19 @@ def test_router_on_cuda_matches_cpu():
         cuda_weights, cuda_indices = router.cuda()(x.cuda(), seg.cuda(), pools.cuda())
     assert torch.equal(cuda_indices.cpu(), indices)
     torch.testing.assert_close(cuda_weights.cpu(), weights, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_router_on_cuda_never_waits_for_the_gpu():
+    router = make_router(make_config()).train().cuda()
+    x, docs = make_inputs(router.config)
+    seg, pools = (t.cuda() for t in segments(router.config, docs))
+    x = x.cuda().requires_grad_(True)
+    router(x, seg, pools)[0].sum().backward()  # the kernels compiled outside the count
+    with host_syncs() as syncs:
+        weights, _ = router(x, seg, pools)
+        weights.sum().backward()
+    assert syncs == {}
 
 
 def test_router_weight_is_a_normal_truncated_at_three_standard_deviations():
