@@ -181,6 +181,11 @@ def benchmark(run, args) -> tuple[list[dict], dict]:
                           progress=lambda message, name=name: log(f"[{name}] {message}", flush=True))
         status = record.get("error") or f"{record['tokens_per_s_per_gpu']:.0f} tokens/s/GPU"
         log(f"[{name}] {record['status']}: {status}", flush=True)
+        if "host_syncs" in record:
+            log(f"[{name}] GPU idle {record['gpu_idle_ms']:.1f} ms of the profiled step; the host waited for the GPU "
+                f"{record['host_syncs']} times: {record['host_syncs_by_line']}", flush=True)
+        for site in record.get("gpu_idle_by_launch_site", [])[:report.IDLE_SITES_SHOWN]:
+            log(f"[{name}]   idle {site['idle_ms']:.1f} ms in {site['gaps']} gaps before {site['site']}", flush=True)
         records.append({**record, **env})
     report.add_ratios(records)
     return records, env
