@@ -75,8 +75,8 @@ def parse_args(argv=None):
                         help="training-document tokens per domain that select the experts (default: the scale's)")
     parser.add_argument("--eval-tokens", type=int, help="held-out tokens per domain at most (default: the scale's)")
     parser.add_argument("--concurrent", action="store_true",
-                        help="train both models at the same time (on one GPU, whose most the gpu scale's small "
-                        "models leave idle)")
+                        help="train both models at the same time (for one GPU: the gpu scale's small models "
+                        "leave most of it idle)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="a training setting for both models (after the scale's); repeatable")
     args = parser.parse_args(argv)
