@@ -100,6 +100,8 @@ def parse_args(argv):
         parser.error(f"--cases: unknown {unknown}; choose from {sorted(ALL_CASES)}")
     if args.warmup < 0 or args.steps < 1 or args.profile_steps < 0:
         parser.error("--warmup and --profile-steps must be >= 0 and --steps >= 1")
+    if args.trace_host and (args.profile_steps == 0 or not torch.cuda.is_available()):
+        parser.error("--trace-host traces the GPU-idle step: it needs a GPU and --profile-steps >= 1")
     args.cases = cases
     return args
 

@@ -329,7 +329,7 @@ def host_syncs():
 
 def _package_path(filename: str) -> str:
     """``.../site-packages/megatron/core/x.py`` → ``megatron/core/x.py``; the repository's files
-    from ``megatron_emo/`` or ``tools/`` on."""
+    from their top folder on (``megatron_emo/``, ``tools/``, ``tests/``, ``examples/``)."""
     parts = Path(filename).parts
     for anchor in ("site-packages", "dist-packages"):
         if anchor in parts:
@@ -380,31 +380,33 @@ def idle_by_launch_site(events: list[dict], *, top: int = 30) -> list[dict]:
     frames = innermost_enclosing(
         [e for e in events if e.get("cat") == "python_function" and "megatron" in e["name"]], traced)
     ops = innermost_enclosing([e for e in events if e.get("cat") == "cpu_op"], traced)
-    sites: dict[str, list] = {}
-    for idle, launch in gaps:
+
+    def site(launch) -> str:
         if launch is None:
-            site = "(launch not traced)"
-        else:
-            key = id(launch)
-            site = f"{frames.get(key) or '(no Python frame)'} | {ops.get(key) or launch['name']}"
-        entry = sites.setdefault(site, [0.0, 0])
-        entry[0] += idle / 1e3
-        entry[1] += 1
-    ranked = sorted(sites.items(), key=lambda item: -item[1][0])[:top]
-    return [{"site": site, "idle_ms": idle, "gaps": count} for site, (idle, count) in ranked]
+            return "(launch not traced)"
+        return f"{frames.get(id(launch)) or '(no Python frame)'} | {ops.get(id(launch)) or launch['name']}"
+
+    return _tally(((site(launch), idle / 1e3) for idle, launch in gaps), top, label="site", total="idle_ms",
+                  count="gaps")
 
 
 def time_by_kernel(events: list[dict], *, top: int = 40) -> list[dict]:
     """The ``top`` kernels (copies, memsets) of a trace by their summed GPU time:
     ``{"name", "ms", "count"}``, largest first (names cut at 120 characters)."""
-    kernels: dict[str, list] = {}
-    for event in events:
-        if event.get("cat") in GPU_WORK:
-            entry = kernels.setdefault(event["name"][:120], [0.0, 0])
-            entry[0] += event["dur"] / 1e3
-            entry[1] += 1
-    ranked = sorted(kernels.items(), key=lambda item: -item[1][0])[:top]
-    return [{"name": name, "ms": ms, "count": count} for name, (ms, count) in ranked]
+    kernels = ((e["name"][:120], e["dur"] / 1e3) for e in events if e.get("cat") in GPU_WORK)
+    return _tally(kernels, top, label="name", total="ms", count="count")
+
+
+def _tally(items: Iterable[tuple[str, float]], top: int, *, label: str, total: str, count: str) -> list[dict]:
+    """``(name, amount)`` pairs summed by name: the ``top`` names by their sum, largest first,
+    as ``{label: name, total: sum, count: pairs}``."""
+    sums: dict[str, list] = {}
+    for name, amount in items:
+        entry = sums.setdefault(name, [0.0, 0])
+        entry[0] += amount
+        entry[1] += 1
+    ranked = sorted(sums.items(), key=lambda item: -item[1][0])[:top]
+    return [{label: name, total: value, count: pairs} for name, (value, pairs) in ranked]
 
 
 def innermost_enclosing(spans: list[dict], points: list[dict]) -> dict[int, str]:

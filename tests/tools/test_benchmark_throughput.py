@@ -109,7 +109,7 @@ def test_time_breakdown_finds_each_component(runs):
 
 @pytest.mark.gpu
 def test_gpu_run_measures_the_gpus_idle_time(tmp_path):
-    result = _finish(_start(tmp_path, *TINY, "--cases", "emo,dense"), tmp_path)
+    result = _finish(_start(tmp_path, *TINY, "--cases", "emo,dense", "--trace-host"), tmp_path)
     for record in result["records"]:
         assert record["status"] == "ok", record.get("traceback")
         assert "breakdown_error" not in record and "gpu_idle_error" not in record, record
@@ -121,6 +121,9 @@ def test_gpu_run_measures_the_gpus_idle_time(tmp_path):
         assert record["host_syncs"] == sum(record["host_syncs_by_line"].values())
         hot_path = ("megatron_emo/model/", "megatron_emo/routing/", "megatron_emo/kernels/", "megatron_emo/experts/")
         assert not [line for line in record["host_syncs_by_line"] if line.startswith(hot_path)], record
+        # The traced step charges its idle time to launch sites (the largest ones) and sums its kernels.
+        assert 0 < sum(site["idle_ms"] for site in record["gpu_idle_by_launch_site"]) <= record["gpu_idle_ms"] + 1e-6
+        assert record["gpu_time_by_kernel"][0]["ms"] >= record["gpu_time_by_kernel"][-1]["ms"] > 0
         # An H100 or H200 copies at 2-4.8 TB/s; the optimizer's bound is its bytes at that rate.
         assert 500 < record["copy_bandwidth_gb_s"] < 10_000
         assert record["optimizer_memory_bound_ms"] == pytest.approx(
@@ -154,6 +157,13 @@ def test_real_data_run(runs):
     assert record["tokens_per_s_per_gpu"] > 0
     # The tokenizer's 512 pieces padded to a multiple of 64: the LM head of a 512-row vocabulary.
     assert record["flops"]["forward_per_token_by_component"]["lm_head"] == 2 * 128 * 512
+
+
+def test_trace_host_is_refused_where_no_step_would_be_traced(capsys):
+    tool = load_tool("benchmark_throughput")
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--trace-host", "--profile-steps", "0", "--output", "out"])
+    assert "--trace-host traces the GPU-idle step" in capsys.readouterr().err
 
 
 def test_failing_case_is_recorded_not_raised():
