@@ -235,18 +235,20 @@ def proxy_1gpu() -> RunConfig:
     805M, router 0.26M), embeddings and the untied LM head 2 × 100,352·2048 = 411M. On one GPU
     (data-parallel size 1, so a distributed optimizer shards nothing) training keeps 18 bytes
     per parameter: bf16 weights 2, fp32 gradients 4, fp32 main weights 4, Adam moments 8.
-    3 layers: 2.88B params, 48.2 GiB; 4 layers: 3.70B, 62.0 GiB. Activations of one micro-batch
-    of 2 × 4096 tokens add 7.6 GiB with 3 layers (``tools/estimate_memory.py --recipe proxy_1gpu
-    --world-size 1``: 55.9 GiB in all; measured on an H200 on 2026-12-05: 53.9 GiB) and 8.9 GiB
-    with 4 (70.9 GiB: it would fit the 80 GB H100's 79.6, but the proxy stays at 3 layers so
-    that its results compare across dates). Micro-batches of 2
-    sequences (8192 tokens, ~450 rows per expert) and 16 sequences per step, the per-GPU share of
-    EMO's 1024 sequences on 64 GPUs.
+    3 layers: 2.88B params, 48.2 GiB; 4 layers: 3.70B, 62.0 GiB (the proxy stays at 3 layers so
+    that its results compare across dates). 16 sequences per step, the per-GPU share of EMO's
+    1024 sequences on 64 GPUs, in micro-batches of 8 (32,768 tokens, ~1800 rows per expert).
+    The micro-batch is the largest that fits the 80 GB H100. Activations add 7.6 GiB at 2
+    sequences and 27.5 GiB at 8 (``tools/estimate_memory.py --recipe proxy_1gpu --world-size 1``:
+    55.9 and 75.7 GiB in all; measured on an H200 on 2026-12-06: 53.9 and 69.5 GiB).
+    It pays: each micro-batch adds every expert weight's gradient into its fp32 ``main_grad``
+    (805M parameters a layer), and an expert's GEMMs run faster on more rows. On that H200, 8
+    gave 164,042 tokens/s against 143,504 at 2 (benchmarks/results/2026-12-06_h200_proxy_1gpu_throughput.json).
     """
     run = emo_1b14b()
     run.name = "proxy_1gpu"
     run.model["num_layers"] = 3
-    run.data.micro_batch_size = 2
+    run.data.micro_batch_size = 8
     run.data.global_batch_size = 16
     run.train.output_dir = "runs/proxy_1gpu"
     return run

@@ -18,7 +18,8 @@ one more step under torch.profiler). Cases:
 
 A case that fails is recorded with its error and the run goes on. Writes
 ``<date>_<device>_<recipe>_throughput.json`` (one record per case: results, device, versions,
-git commit, recipe, layout; plus the targets) and a ``.png`` chart into --output. Data:
+git commit, recipe, layout; plus the targets) into --output after every case, so a run cut
+short keeps the cases it finished, and a ``.png`` chart at the end. Data:
 ``synthetic`` (random tokens, --docs-per-row documents per sequence) or the recipe's own.
 ``--plot FILE.json`` redraws the chart of an earlier run.
 """
@@ -32,6 +33,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 from unittest import mock
 
 # Before torch starts CUDA: fewer fragmentation failures for the largest models.
@@ -165,7 +167,8 @@ def output_stem(env: dict) -> str:
     return f"{env['date']}_{device}_{env['recipe']}_throughput"
 
 
-def benchmark(run, args) -> tuple[list[dict], dict]:
+def benchmark(run, args, save: Callable[[list[dict], dict], None]) -> list[dict]:
+    """Run the cases; ``save(records, env)`` after each (rank 0 only)."""
     init_process_group()
     dataset, vocab, eos = dataset_for(run, args)
     config = run.emo_config(vocab_size=vocab, eos_token_id=eos, on_gpu=torch.cuda.is_available())
@@ -189,17 +192,21 @@ def benchmark(run, args) -> tuple[list[dict], dict]:
         for site in record.get("gpu_idle_by_launch_site", [])[:report.IDLE_SITES_SHOWN]:
             log(f"[{name}]   idle {site['idle_ms']:.1f} ms in {site['gaps']} gaps before {site['site']}", flush=True)
         records.append({**record, **env})
-    report.add_ratios(records)
-    return records, env
+        report.add_ratios(records)
+        if runtime.rank == 0:
+            save(records, env)
+    return records
 
 
-def write_outputs(records: list[dict], env: dict, directory: Path) -> None:
+def write_json(records: list[dict], env: dict, directory: Path) -> None:
+    """The results so far as ``<stem>.json`` in ``directory`` (replaced whole: never half-written)."""
     directory.mkdir(parents=True, exist_ok=True)
-    stem = directory / output_stem(env)
+    path = (directory / output_stem(env)).with_suffix(".json")
     results = {"records": records, "targets": report.targets(records)}
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
-    print(f"wrote {stem.with_suffix('.json')}")
-    plot(results, stem.with_suffix(".png"))
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(results, indent=1, default=str))
+    partial.replace(path)
+    print(f"wrote {path} ({len(records)} of its cases)", flush=True)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -239,6 +246,7 @@ def main(argv=None) -> int:
         plot(records, Path(args.plot).with_suffix(".png"))
         return 0
     configure_cli_logging(args.verbose)
+    output = Path(args.output)
     try:
         run = resolve_run(args.recipe, args.overrides)
         validate_run(run)
@@ -247,7 +255,7 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
     with megatron_device():
         try:
-            records, env = benchmark(run, args)
+            records = benchmark(run, args, lambda records, env: write_json(records, env, output))
         except (DatasetError, FileNotFoundError) as error:  # --data recipe: the run's data
             print(f"error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -256,7 +264,7 @@ def main(argv=None) -> int:
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 reports
     print_summary(records)
-    write_outputs(records, env, Path(args.output))
+    plot({"records": records}, (output / output_stem(records[0])).with_suffix(".png"))
     return 0
 
 

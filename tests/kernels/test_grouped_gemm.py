@@ -197,6 +197,48 @@ def test_nan_padding_never_leaks_and_every_output_is_written(impl, case):
 
 
 @pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wgrad_accumulates_into_fp32(impl, dtype):
+    """``accumulate_into``: every expert's product added to what the fp32 buffer held, an empty
+    expert's part left bit for bit."""
+    case = "odd K and n, empty experts"
+    x, _, sizes = make_inputs(case, dtype)
+    grad = torch.randn(x.shape[0], 29, device=DEVICE).to(dtype)
+    held = torch.randn(len(CASES[case][0]), x.shape[1], 29, device=DEVICE)
+    total = held.clone()
+    assert impl.grouped_wgrad(x, grad, sizes, accumulate_into=total) is total
+    fresh = impl.grouped_wgrad(x.float(), grad.float(), sizes)
+    torch.testing.assert_close(total, held + fresh, **FP32)
+    empty = sizes == 0
+    assert torch.equal(total[empty], held[empty])
+    with pytest.raises(ValueError, match="accumulate_into must be fp32"):
+        impl.grouped_wgrad(x, grad, sizes, accumulate_into=held.double())
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("ffn", ["grouped_mm", "grouped_swiglu_ffn"])
+def test_weights_with_main_grad_accumulate_there(impl, ffn):
+    """megatron-core DDP's contract (its gradient-accumulation fusion): a weight with an fp32
+    ``main_grad`` and ``grad_added_to_main_grad`` gets each backward's gradient added into
+    ``main_grad`` by the kernel, and the flag set; micro-batch after micro-batch."""
+    case = "prime E = 7, one empty"
+    swiglu = ffn == "grouped_swiglu_ffn"
+    x, fc1, sizes = make_inputs(case, widths=2 if swiglu else 1)
+    weights = (fc1, make_fc2(case)) if swiglu else (fc1,)
+    grad_out = torch.randn(x.shape[0], x.shape[1] if swiglu else fc1.shape[2], device=DEVICE)
+    expected = gradients(getattr(reference, ffn), (x, *weights, sizes), grad_out)[1:]
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    for param in params:
+        param.main_grad = torch.zeros_like(param, dtype=torch.float32)
+        param.grad_added_to_main_grad = False
+    for _ in range(2):
+        getattr(impl, ffn)(x, *params, sizes).backward(grad_out)
+    for param, grad in zip(params, expected):
+        assert param.grad_added_to_main_grad
+        torch.testing.assert_close(param.main_grad, 2 * grad, **FP32)
+
+
+@pytest.mark.triton_interpret
 def test_no_rows_and_int32_group_sizes(impl):
     x, w, sizes = make_inputs("a single row")
     out = impl.grouped_mm(x[:0], w, torch.zeros(3, dtype=torch.int32, device=DEVICE))

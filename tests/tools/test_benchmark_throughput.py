@@ -151,6 +151,17 @@ def test_outputs_are_named_by_date_device_and_recipe(runs):
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_results_are_written_after_every_case(runs):
+    """A run cut short keeps the cases it finished: the JSON is rewritten as each case ends,
+    before the next begins."""
+    lines = runs["synthetic"]["stdout"].splitlines()
+    for done, name in enumerate(CASES, start=1):
+        wrote = lines.index(f"wrote {runs['synthetic']['json']} ({done} of its cases)")
+        assert lines[wrote - 1].startswith(f"[{name}] ")
+        if done < len(CASES):
+            assert lines[wrote + 1].startswith(f"[{CASES[done]}] ")
+
+
 def test_real_data_run(runs):
     (record,) = runs["real"]["records"]
     assert record["status"] == "ok" and record["data"] == "recipe"

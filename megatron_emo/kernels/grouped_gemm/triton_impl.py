@@ -20,12 +20,19 @@ in registers).
     SWIGLU_BWD  acc = dh, never rounded; load gate and up of the tile from ``aux`` and store
                 ``c = [d gate | d up]``.
 - ``_grouped_wgrad_kernel``, ``c[e] = a[rows of e]^T @ b[rows of e]``, one program per (expert,
-  output tile), looping over the expert's rows; an empty expert stores exact zeros.
+  output tile), looping over the expert's rows; an empty expert stores exact zeros. With
+  ACCUMULATE, ``c[e] += ...`` into an fp32 ``c`` instead (an empty expert's ``c`` is left as is).
 Accumulation is fp32, outputs take the inputs' dtype. Every output element is written by exactly
 one program, without atomics: results are deterministic.
 
 The SwiGLU FFN: forward 2 launches (fc1 with SWIGLU, fc2), backward 4 (fc2 dgrad with
 SWIGLU_BWD, fc2 wgrad, fc1 dgrad, fc1 wgrad).
+
+Weight gradients and megatron-core's DDP: a weight that DDP gave an fp32 ``main_grad`` has its
+gradient added there by the wgrad kernel itself (``weight.grad_added_to_main_grad``, the contract
+of megatron-core's gradient-accumulation fusion), not returned in bf16 for DDP's hook to add in
+a pass of its own. The routed experts hold most of the parameters, and every micro-batch
+accumulates all of them: 8 bytes moved per parameter instead of 12, inside the GEMM.
 """
 
 from typing import Callable
@@ -175,6 +182,9 @@ def _grouped_rows_kernel(
     configs=tuning.WGRAD_CONFIGS,
     key=tuning.WGRAD_KEY,
     prune_configs_by=dict(early_config_prune=tuning.prune_wgrad_configs),
+    # Timing the configurations runs the kernel again and again: an accumulating one must find
+    # its output as it was each time.
+    restore_value=["c_ptr"],
 )
 @triton.jit
 def _grouped_wgrad_kernel(
@@ -182,7 +192,7 @@ def _grouped_wgrad_kernel(
     num_experts, K, N_OUT,
     stride_am, stride_ak, stride_bm, stride_bn, stride_ce, stride_ck, stride_cn,
     ROWS_PER_EXPERT,
-    UPCAST: tl.constexpr, E_PAD: tl.constexpr,
+    ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -191,6 +201,8 @@ def _grouped_wgrad_kernel(
     expert = pid // (k_tiles * n_tiles)
     tile_k, tile_n = (pid // n_tiles) % k_tiles, pid % n_tiles
     first_row, rows_end = _expert_rows(sizes_ptr, num_experts, expert, E_PAD)
+    if ACCUMULATE and first_row == rows_end:
+        return  # adding zeros: nothing to read or write
     ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok, col_ok = ks < K, cols < N_OUT
@@ -212,7 +224,10 @@ def _grouped_wgrad_kernel(
         acc = _mma(a_t, b, acc, UPCAST)
     c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + ks[:, None] * stride_ck
     c_ptrs += cols[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=k_ok[:, None] & col_ok[None, :])
+    c_ok = k_ok[:, None] & col_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_ok, other=0.0)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_ok)
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, widths: int = 1) -> None:
@@ -256,11 +271,19 @@ def _launch_rows(a, b, group_sizes, out, epilogue=PLAIN, aux=None, n_out=None):
     )  # fmt: skip
 
 
-def grouped_wgrad(a, b, group_sizes, alloc: Alloc = torch.empty):
-    """``out[e] = a[rows of e]^T @ b[rows of e]``: ``a [N, K]``, ``b [N, n]`` → ``[E, K, n]``."""
+def grouped_wgrad(a, b, group_sizes, alloc: Alloc = torch.empty, accumulate_into=None):
+    """``out[e] = a[rows of e]^T @ b[rows of e]``: ``a [N, K]``, ``b [N, n]`` → ``[E, K, n]``;
+    with ``accumulate_into`` (fp32 ``[E, K, n]``), ``accumulate_into[e] += ...`` instead,
+    returned."""
     (num_rows, k), n = a.shape, b.shape[1]
     num_experts = group_sizes.shape[0]
-    out = alloc((num_experts, k, n), dtype=a.dtype, device=a.device)
+    if accumulate_into is None:
+        out = alloc((num_experts, k, n), dtype=a.dtype, device=a.device)
+    else:
+        if accumulate_into.shape != (num_experts, k, n) or accumulate_into.dtype != torch.float32:
+            raise ValueError(f"accumulate_into must be fp32 {(num_experts, k, n)}; got "
+                             f"{accumulate_into.dtype} {tuple(accumulate_into.shape)}")  # fmt: skip
+        out = accumulate_into
 
     def grid(meta):
         return (num_experts * triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -271,9 +294,23 @@ def grouped_wgrad(a, b, group_sizes, alloc: Alloc = torch.empty):
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         tuning.rows_per_expert(num_rows, num_experts),
-        UPCAST=tuning.INTERPRETING, E_PAD=triton.next_power_of_2(num_experts),
+        ACCUMULATE=accumulate_into is not None, UPCAST=tuning.INTERPRETING,
+        E_PAD=triton.next_power_of_2(num_experts),
     )  # fmt: skip
     return out
+
+
+def weight_gradient(weight, a, b, group_sizes):
+    """The gradient autograd gets for ``weight`` from ``a^T b`` per expert. Where megatron-core's
+    DDP gave the weight an fp32 ``main_grad``, the kernel adds into it and flags
+    ``weight.grad_added_to_main_grad``; the tensor returned then only carries DDP's backward hook
+    (which drops it unread), as in megatron-core's own fused linear layers."""
+    main_grad = getattr(weight, "main_grad", None)
+    if main_grad is None or not hasattr(weight, "grad_added_to_main_grad"):
+        return grouped_wgrad(a, b, group_sizes)
+    grouped_wgrad(a, b, group_sizes, accumulate_into=main_grad)
+    weight.grad_added_to_main_grad = True
+    return torch.empty_like(weight)
 
 
 def grouped_rows(a, b, group_sizes, alloc: Alloc = torch.empty):
@@ -314,7 +351,7 @@ class GroupedMMFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grouped_rows(grad, w.transpose(1, 2), group_sizes)
         if ctx.needs_input_grad[1]:
-            grad_w = grouped_wgrad(x, grad, group_sizes)
+            grad_w = weight_gradient(w, x, grad, group_sizes)
         return grad_x, grad_w, None
 
 
@@ -331,8 +368,8 @@ class GroupedSwigluFFNFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, fc1, fc2, group_sizes, gate_up, hidden = ctx.saved_tensors
         d_gate_up = swiglu_backward_rows(grad, fc2, gate_up, group_sizes)
-        grad_fc2 = grouped_wgrad(hidden, grad, group_sizes) if ctx.needs_input_grad[2] else None
-        grad_fc1 = grouped_wgrad(x, d_gate_up, group_sizes) if ctx.needs_input_grad[1] else None
+        grad_fc2 = weight_gradient(fc2, hidden, grad, group_sizes) if ctx.needs_input_grad[2] else None
+        grad_fc1 = weight_gradient(fc1, x, d_gate_up, group_sizes) if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grouped_rows(d_gate_up, fc1.transpose(1, 2), group_sizes)
