@@ -33,7 +33,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
 from unittest import mock
 
 # Before torch starts CUDA: fewer fragmentation failures for the largest models.
@@ -167,8 +166,8 @@ def output_stem(env: dict) -> str:
     return f"{env['date']}_{device}_{env['recipe']}_throughput"
 
 
-def benchmark(run, args, save: Callable[[list[dict], dict], None]) -> list[dict]:
-    """Run the cases; ``save(records, env)`` after each (rank 0 only)."""
+def benchmark(run, args, output: Path) -> list[dict]:
+    """Run the cases, writing the results so far into ``output`` after each (rank 0)."""
     init_process_group()
     dataset, vocab, eos = dataset_for(run, args)
     config = run.emo_config(vocab_size=vocab, eos_token_id=eos, on_gpu=torch.cuda.is_available())
@@ -194,7 +193,7 @@ def benchmark(run, args, save: Callable[[list[dict], dict], None]) -> list[dict]
         records.append({**record, **env})
         report.add_ratios(records)
         if runtime.rank == 0:
-            save(records, env)
+            write_json(records, env, output)
     return records
 
 
@@ -255,7 +254,7 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
     with megatron_device():
         try:
-            records = benchmark(run, args, lambda records, env: write_json(records, env, output))
+            records = benchmark(run, args, output)
         except (DatasetError, FileNotFoundError) as error:  # --data recipe: the run's data
             print(f"error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
