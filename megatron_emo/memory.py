@@ -62,10 +62,16 @@ virtual stages (G = ``microbatch_group_size_per_vp_stage``). Each held micro-bat
 its received input a·h·T_sp (stage > 0) and sent output a·h·T_sp (stage < last, unless
 ``deallocate_pipeline_outputs``).
 
-Working memory at the backward peak: the gradients of the layer in backward, about as large as
-what it saves without recomputation; what recomputation rebuilds (full: one unit's layers,
-selective: one layer's core attention); the largest parameter's bf16 gradient before DDP adds it
-into the fp32 buffer.
+Working memory at the backward peak, the larger of two phases that never overlap (the loss
+gradient, written over the logits, is freed when the output layer's backward ends, before any
+layer's backward begins):
+- the output layer's backward (last stage): the LM head's activations above and its weight's
+  bf16 gradient a·V·h/TP;
+- a layer's backward: the gradients of the layer, about as large as what it saves without
+  recomputation; what recomputation rebuilds (full: one unit's layers, selective: one layer's
+  core attention); the largest parameter's bf16 gradient before DDP adds it into the fp32
+  buffer (the routed experts' gradients are added in the GEMM, but autograd still gets a tensor
+  of the weight's size for DDP's hook).
 
 Assumes balanced experts (each EP rank receives as many rows as it sends; EMO's load-balancing
 loss keeps training close to that). A run is checked as training checks it
@@ -304,20 +310,21 @@ def _activation_peaks(config, layout: Layout, parts: dict, rank: int, layers: in
     layer, core = sum(parts.values()), parts["core attention"]
     held = _chunks_held(config, layout, rank)
     io = unit_input * ((rank > 0) + (rank < layout.pp - 1 and not config.deallocate_pipeline_outputs))
-    lm_head = 0
+    lm_head_backward = 0
     if rank == layout.pp - 1:
         final_norm_and_head_input = (2 * a * config.hidden_size + 4) * tokens_sp
-        lm_head = final_norm_and_head_input + a * tokens * config.emo_vocab_size // layout.tp + 12 * tokens
+        logits_and_loss = a * tokens * config.emo_vocab_size // layout.tp + 12 * tokens
+        weight_grad = a * config.emo_vocab_size * config.hidden_size // layout.tp
+        lm_head_backward = final_norm_and_head_input + logits_and_loss + weight_grad
     # (stored per model chunk, rebuilt by recomputation in backward)
     per_chunk = {
         "none": (chunk_layers * layer, 0),
         "selective": (chunk_layers * (layer - core), core),
         "full": _full_recompute(config, layer, unit_input, chunk_layers),
     }
-    # Beyond what is stored: the gradients of the layer in backward (about its size), what
-    # recomputation rebuilds, the largest bf16 parameter gradient, the LM head.
+    # Beyond what is stored, the larger backward phase (module docstring).
     return {
-        setting: held * (stored + io) + layer + rebuilt + a * largest_param + lm_head
+        setting: held * (stored + io) + max(lm_head_backward, layer + rebuilt + a * largest_param)
         for setting, (stored, rebuilt) in per_chunk.items()
     }
 

@@ -238,10 +238,9 @@ def proxy_1gpu() -> RunConfig:
     3 layers: 2.88B params, 48.2 GiB; 4 layers: 3.70B, 62.0 GiB (the proxy stays at 3 layers so
     that its results compare across dates). 16 sequences per step, the per-GPU share of EMO's
     1024 sequences on 64 GPUs, in micro-batches of 8 (32,768 tokens, ~1800 rows per expert).
-    The micro-batch is the largest that fits the 80 GB H100 by the measured peak: activations
-    add 7.6 GiB at 2 sequences and 27.5 GiB at 8 (``tools/estimate_memory.py --recipe proxy_1gpu
-    --world-size 1``: 55.9 and 75.7 GiB in all, which its 6 GiB reserve refuses on 80 GB);
-    measured on an H200 on 2026-12-06: 53.9 and 69.5 GiB at most.
+    The micro-batch is the largest that fits the 80 GB H100: activations add 6.0 GiB at 2
+    sequences and 21.8 GiB at 8 (``tools/estimate_memory.py --recipe proxy_1gpu --world-size 1``:
+    54.3 and 70.1 GiB in all; measured on an H200 on 2026-12-06: 53.9 and 69.5 GiB at most).
     It pays: each micro-batch adds every expert weight's gradient into its fp32 ``main_grad``
     (805M parameters a layer), and an expert's GEMMs run faster on more rows. On that H200, 8
     gave 164,042 tokens/s against 143,504 at 2 (benchmarks/results/2026-12-06_h200_proxy_1gpu_throughput.json).
