@@ -279,10 +279,10 @@ def grouped_wgrad(a, b, group_sizes, alloc: Alloc = torch.empty, accumulate_into
     num_experts = group_sizes.shape[0]
     if accumulate_into is None:
         out = alloc((num_experts, k, n), dtype=a.dtype, device=a.device)
+    elif accumulate_into.shape != (num_experts, k, n) or accumulate_into.dtype != torch.float32:
+        raise ValueError(f"accumulate_into must be fp32 {(num_experts, k, n)}; got "
+                         f"{accumulate_into.dtype} {tuple(accumulate_into.shape)}")  # fmt: skip
     else:
-        if accumulate_into.shape != (num_experts, k, n) or accumulate_into.dtype != torch.float32:
-            raise ValueError(f"accumulate_into must be fp32 {(num_experts, k, n)}; got "
-                             f"{accumulate_into.dtype} {tuple(accumulate_into.shape)}")  # fmt: skip
         out = accumulate_into
 
     def grid(meta):
